@@ -1,0 +1,74 @@
+"""Celery settings for clipmask. Every value comes from the environment, with a safe default.
+
+Loaded by ``worker.celery_app`` with ``app.config_from_object("celeryconfig")``. Names are
+Celery's own lowercase settings; the environment variables are Celery's (``CELERY_*``) or, for
+clipmask's own knobs, ``CLIPMASK_*``.
+"""
+
+import json
+import os
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    try:
+        return int(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number, got {raw!r}") from None
+
+
+def _env_json(name: str, default):
+    raw = os.environ.get(name, "")
+    try:
+        return json.loads(raw) if raw else default
+    except ValueError as err:
+        raise ValueError(f"{name} must be JSON ({err}), got {raw!r}") from None
+
+
+#: Where tasks are queued. Redis db 0 by default.
+broker_url = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
+#: Where task results (small JSON dicts) go. Redis db 1 by default.
+result_backend = os.environ.get("CELERY_RESULT_BACKEND", "redis://127.0.0.1:6379/1")
+
+# JSON only: a pickle payload from the broker would be code execution on a GPU box.
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+
+#: Hard limit for one task (a chunk of images), in seconds; the soft limit comes a minute before.
+task_time_limit = _env_int("CLIPMASK_TASK_TIME_LIMIT", 3600)
+task_soft_time_limit = max(1, task_time_limit - 60)
+
+# At-least-once delivery: a task is acknowledged after it ran, so a killed worker's chunk goes
+# back to the queue; one message at a time, so a dying worker holds no others hostage.
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+worker_cancel_long_running_tasks_on_connection_loss = True
+
+#: Seconds before Redis redelivers an unacknowledged task. Must exceed the longest task, or a
+#: slow chunk would be run twice in parallel.
+broker_transport_options = {
+    "visibility_timeout": _env_int("CLIPMASK_VISIBILITY_TIMEOUT", 2 * task_time_limit),
+}
+result_backend_transport_options = {"retry_policy": {"timeout": 5.0}}
+broker_connection_retry_on_startup = True
+
+#: Results are small and only needed by whoever waits for them: gone after a day.
+result_expires = _env_int("CLIPMASK_RESULT_EXPIRES", 24 * 3600)
+task_track_started = True
+
+task_default_queue = os.environ.get("CLIPMASK_QUEUE", "clipmask")
+
+#: Scheduled batches for ``celery beat``: a JSON list of
+#: ``{"source": URL, "dest": URL, "prompt": "a|b", "negative": "c", "every_s": 3600}``.
+#: Each run submits a job with ``skip_existing``, so only new images are masked.
+beat_schedule = {
+    f"clipmask-scan-{i}": {
+        "task": "clipmask.scheduled_scan",
+        "schedule": float(entry.get("every_s", 3600)),
+        "kwargs": {k: v for k, v in entry.items() if k != "every_s"},
+    }
+    for i, entry in enumerate(_env_json("CLIPMASK_SCHEDULE", []))
+}

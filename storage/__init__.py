@@ -1,0 +1,41 @@
+"""Object storage for clipmask: one small API over S3 and local directories.
+
+>>> store = open_store("s3://bucket/some/prefix")   # or "/dir", "rel/dir", "file:///dir"
+>>> store.write_bytes("a/b.jpg", data)
+>>> store.read_bytes("a/b.jpg")
+
+Errors are Python's own: FileNotFoundError, PermissionError, ConnectionError
+(transient, see :func:`is_transient`), ValueError for bad keys or URLs, and
+:class:`StorageError` (an OSError) for anything else. This package never
+imports torch or celery.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from storage.base import ObjectStore
+from storage.errors import StorageError, is_transient
+from storage.local import LocalStore
+from storage.s3 import S3Store
+from storage.urls import StoreURL, parse_url
+
+__all__ = [
+    "LocalStore", "ObjectStore", "S3Store", "StorageError", "StoreURL",
+    "is_transient", "open_store", "parse_url",
+]
+
+
+def open_store(url: str | os.PathLike[str], **options: Any) -> ObjectStore:
+    """Return the store rooted at ``url`` (see :func:`parse_url` for the forms).
+
+    ``options`` go to the backend (S3Store: ``max_attempts``). Raises
+    ValueError for an unsupported or malformed URL, TypeError for an unknown
+    option. Opening does no I/O, so a missing bucket or directory is only
+    noticed when used.
+    """
+    parsed = parse_url(url)
+    if parsed.scheme == "s3":
+        return S3Store(parsed.bucket, parsed.prefix, **options)
+    return LocalStore(parsed.prefix, **options)

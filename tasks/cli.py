@@ -1,0 +1,106 @@
+"""The ``clipmask`` command: run, submit, status, cancel, worker.
+
+Exit codes: 0 success; 1 some images failed (``run``) or the job is unknown (``status``);
+2 a usage or configuration error, with a message saying how to fix it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from worker.errors import ClipmaskError
+from worker.spec import DEFAULT_MAX_SIDE, PROFILES, MaskSpec
+
+EPILOG = """configuration (environment):
+  CELERY_BROKER_URL, CELERY_RESULT_BACKEND   Redis URLs for queue and results
+  CLIPMASK_MODEL                             HF model id or local directory (default CIDAS/clipseg-rd64-refined)
+  AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION   boto3's own
+  HF_HOME, HF_HUB_OFFLINE                    Hugging Face's own cache and offline switch
+storage arguments are s3://bucket/prefix URLs or local paths."""
+
+
+def _mask_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("mask options")
+    group.add_argument("--prompt", required=True, help="what to mask; several with '|', e.g. 'person|dog'")
+    group.add_argument("--negative", default="", help="what to cut out of the mask, '|'-separated")
+    group.add_argument("--threshold", type=float, default=0.5, help="mask >= threshold is on (default 0.5)")
+    group.add_argument("--normalize", action="store_true", help="stretch each image's mask to [0, 1] first")
+    group.add_argument("--profile", choices=PROFILES, default="default",
+                       help="default: fast, 352x352 backbone; masquerade: the seed node's exact recipe")
+    group.add_argument("--max-side", type=int, default=int(os.environ.get("CLIPMASK_MAX_SIDE", DEFAULT_MAX_SIDE)),
+                       help=f"masquerade only: longest image side accepted (default {DEFAULT_MAX_SIDE})")
+    group.add_argument("--blur", type=float, default=0.0, help="Gaussian sigma in pixels on the raw mask")
+    group.add_argument("--grow", type=int, default=0, help="grow (or, negative, shrink) the mask by N pixels")
+    group.add_argument("--invert", action="store_true", help="invert both masks")
+    group.add_argument("--raw-bits", type=int, choices=(8, 16), default=8, help="bit depth of the raw mask PNG")
+    group.add_argument("--skip-existing", action="store_true", help="skip images whose outputs already exist")
+    return parent
+
+
+def _engine_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("model and device")
+    group.add_argument("--model", help="HF model id or local directory (default: $CLIPMASK_MODEL)")
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    group.add_argument("--precision", default="auto", help="auto (fp16 on CUDA), fp32, fp16 or bf16")
+    group.add_argument("--batch-size", type=int, help="images per backbone batch (default 4 on CPU, 32 on CUDA)")
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clipmask", description="Text-prompted image masks (CLIPSeg) for folders and buckets.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every image")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    mask, engine = _mask_options(), _engine_options()
+    run = commands.add_parser("run", parents=[mask, engine], help="mask SRC into DST in this process, no broker")
+    submit = commands.add_parser("submit", parents=[mask], help="queue a job for Celery workers; prints the job id")
+    for sub in (run, submit):
+        sub.add_argument("source", metavar="SRC", help="s3://bucket/prefix or a local folder of images")
+        sub.add_argument("--out", required=True, metavar="DST", help="s3://bucket/prefix or a local folder")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    submit.add_argument("--chunk-size", type=int, default=64, help="images per task (default 64)")
+    status = commands.add_parser("status", help="progress of a job")
+    status.add_argument("job_id", metavar="JOB")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.add_argument("--watch", action="store_true", help="show a progress bar until the job ends")
+    cancel = commands.add_parser("cancel", help="cancel a job: its remaining images are skipped")
+    cancel.add_argument("job_id", metavar="JOB")
+    worker = commands.add_parser("worker", parents=[engine], help="start this machine's Celery workers",
+                                 description="Start one worker process per GPU (one CPU process without GPUs). "
+                                             "Other options are passed to `celery worker`.")
+    worker.add_argument("--gpus", help="'all' (default when GPUs exist) or indices, e.g. 0,2")
+    worker.add_argument("--loglevel", default="INFO")
+    return parser
+
+
+def spec_from_args(args: argparse.Namespace) -> MaskSpec:
+    return MaskSpec.from_text(
+        args.prompt, args.negative, threshold=args.threshold, normalize=args.normalize, profile=args.profile,
+        blur_sigma=args.blur, grow=args.grow, invert=args.invert, raw_bits=args.raw_bits, max_side=args.max_side,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "worker":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from . import commands
+
+    try:
+        return getattr(commands, args.command)(args, extra)
+    except (ClipmaskError, ValueError, LookupError, OSError) as err:
+        print(f"clipmask {args.command}: error: {err}", file=sys.stderr)
+        return 1 if isinstance(err, LookupError) and args.command == "status" else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""What each ``clipmask`` subcommand does, given its parsed arguments (see ``cli.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from tqdm import tqdm
+
+#: Seconds between polls of ``clipmask status --watch``.
+WATCH_INTERVAL_S = 2.0
+
+
+def run(args: argparse.Namespace, _extra: list[str]) -> int:
+    from worker.engine import MaskEngine
+
+    from .cli import spec_from_args
+    from .local import run_local
+
+    spec = spec_from_args(args)
+    engine = MaskEngine.load(args.model, args.device, args.precision, args.batch_size)
+    summary = run_local(args.source, args.out, spec, engine, skip_existing=args.skip_existing,
+                        progress=not args.quiet)
+    print(f"{summary['succeeded']} succeeded, {summary['failed']} failed, {summary['skipped']} skipped; "
+          f"manifest: {summary['manifest']}")
+    return 1 if summary["failed"] else 0
+
+
+def submit(args: argparse.Namespace, _extra: list[str]) -> int:
+    from .cli import spec_from_args
+    from .planning import submit_job
+
+    job_id = submit_job(args.source, args.out, spec_from_args(args), chunk_size=args.chunk_size,
+                        skip_existing=args.skip_existing)
+    print(f"submitted; follow it with: clipmask status {job_id} --watch", file=sys.stderr)
+    print(job_id)
+    return 0
+
+
+def status(args: argparse.Namespace, _extra: list[str]) -> int:
+    from .jobs import JobStore
+
+    jobs = JobStore.from_env()
+    if args.watch:
+        _watch(jobs, args.job_id)
+    report = jobs.status(args.job_id)
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
+    else:
+        print(f"job {report['job_id']}: {report['state']}, {report['done']}/{report['total']} done "
+              f"({report['succeeded']} succeeded, {report['failed']} failed, {report['skipped']} skipped)"
+              f"{'' if report['planned'] else ', still planning'}")
+    return 0
+
+
+def _watch(jobs, job_id: str) -> None:
+    report = jobs.status(job_id)
+    with tqdm(total=report["total"], unit="img", dynamic_ncols=True, file=sys.stderr) as bar:
+        while True:
+            bar.total = report["total"]
+            bar.update(report["done"] - bar.n)
+            bar.set_postfix(succeeded=report["succeeded"], failed=report["failed"], refresh=True)
+            if report["state"] in ("finished", "cancelled"):
+                return
+            time.sleep(WATCH_INTERVAL_S)
+            report = jobs.status(job_id)
+
+
+def cancel(args: argparse.Namespace, _extra: list[str]) -> int:
+    from .jobs import JobStore
+
+    JobStore.from_env().cancel(args.job_id)
+    print(f"job {args.job_id} cancelled; images already queued will be recorded as skipped")
+    return 0
+
+
+def worker(args: argparse.Namespace, extra: list[str]) -> int:
+    """Exec-free: Celery runs in this process, so SIGTERM reaches it and shuts down warmly."""
+    from worker.celery_app import app
+    from worker.lifecycle import DEVICES_ENV
+    from worker.model import check_model_available, model_reference
+
+    devices = _worker_devices(args)
+    os.environ[DEVICES_ENV] = ",".join(devices)
+    if args.model:
+        os.environ["CLIPMASK_MODEL"] = args.model
+    if args.batch_size:
+        os.environ["CLIPMASK_BATCH_SIZE"] = str(args.batch_size)
+    os.environ["CLIPMASK_PRECISION"] = args.precision
+    check_model_available(model_reference())
+    app.worker_main(["worker", "--pool", "prefork", "--concurrency", str(len(devices)),
+                     "--queues", app.conf.task_default_queue, "--loglevel", args.loglevel, *extra])
+    return 0
+
+
+def _worker_devices(args: argparse.Namespace) -> list[str]:
+    """One entry per worker process: ``cuda:N`` per chosen GPU, or the one ``--device``."""
+    from worker.devices import count_gpus, validate_device
+
+    if args.device != "auto" or (not args.gpus and not count_gpus()):
+        return [validate_device(args.device)]
+    if not args.gpus or args.gpus == "all":
+        return [f"cuda:{i}" for i in range(count_gpus())]
+    try:
+        return [f"cuda:{int(i)}" for i in args.gpus.split(",")]
+    except ValueError:
+        raise ValueError(f"--gpus must be 'all' or indices like 0,2; got {args.gpus!r}") from None

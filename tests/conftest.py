@@ -1,0 +1,60 @@
+"""Shared fixtures: real Redis and S3 (moto) servers for the whole test session."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import boto3
+import pytest
+
+from tests.services import MotoServer, RedisServer, s3_test_env
+
+# --- services: Redis -------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A private redis-server; tests may stop() and start() it (same port)."""
+    server = RedisServer(workdir=str(tmp_path_factory.mktemp("redis")))
+    with server.start():
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server) -> str:
+    return redis_server.url
+
+
+# --- services: S3 (moto) ---------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory):
+    """moto's S3 HTTP server, running for the whole session."""
+    server = MotoServer(workdir=str(tmp_path_factory.mktemp("moto")))
+    with server.start():
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_env(moto_server):
+    """Point boto3 (here and in subprocesses) at moto, from now until session end."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN"):
+            mp.delenv(name, raising=False)
+        for name, value in s3_test_env(moto_server.endpoint).items():
+            mp.setenv(name, value)
+        yield dict(os.environ)
+
+
+@pytest.fixture
+def s3_bucket(s3_env) -> str:
+    """Name of a fresh, empty bucket on the moto server."""
+    name = f"test-{uuid.uuid4().hex[:16]}"
+    boto3.session.Session().client("s3").create_bucket(Bucket=name)
+    return name
+
+
+# --- models ----------------------------------------------------------------
+# (model fixtures go here)

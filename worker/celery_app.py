@@ -1,0 +1,25 @@
+"""The Celery application. Settings come from ``celeryconfig``; tasks from ``tasks.masks``."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery, signals
+
+from . import lifecycle
+from .errors import ClipmaskError
+
+log = logging.getLogger(__name__)
+
+app = Celery("clipmask", include=["tasks.masks"])
+app.config_from_object("celeryconfig")
+
+
+@signals.worker_process_init.connect
+def _load_engine(**_kwargs) -> None:
+    """Load the model in each pool process as it starts, so the first task does not wait."""
+    try:
+        lifecycle.setup()
+    except ClipmaskError as err:
+        # Tasks retry the load and report it; a pool process that died here would just respawn.
+        log.error("could not load the mask engine: %s", err)

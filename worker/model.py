@@ -1,0 +1,96 @@
+"""Loading CLIPSeg from a Hugging Face model id or a local directory.
+
+``CLIPMASK_MODEL`` (or ``--model``) names it; the default is the refined rd64 checkpoint. Hugging
+Face's own variables (``HF_HOME``, ``HF_HUB_OFFLINE``) govern the cache and network access.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import utils as hf_utils
+from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor
+
+from .errors import ModelUnavailableError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
+MODEL_ENV = "CLIPMASK_MODEL"
+
+HOW_TO_GET_WEIGHTS = (
+    "To provide the weights: on a machine with internet access run "
+    "`hf download {default}` (or load it once with transformers), then copy the Hugging Face "
+    "cache here and set HF_HOME to it with HF_HUB_OFFLINE=1; or save the model with "
+    "save_pretrained() into a directory and point CLIPMASK_MODEL (or --model) at that directory."
+)
+
+
+@dataclass
+class LoadedModel:
+    """A CLIPSeg model in eval mode on its device, with its processor and provenance."""
+
+    model: CLIPSegForImageSegmentation
+    processor: CLIPSegProcessor
+    model_id: str
+    revision: str
+
+
+def model_reference(explicit: str | None = None) -> str:
+    """``--model`` if given, else ``$CLIPMASK_MODEL``, else the default checkpoint."""
+    return explicit or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+
+
+def check_model_available(ref: str) -> None:
+    """Cheaply check (config only, no weights) that ``ref`` resolves; raises ``ModelUnavailableError``."""
+    local = Path(ref).expanduser()
+    try:
+        CLIPSegConfig.from_pretrained(str(local) if local.is_dir() else ref)
+    except (OSError, ValueError) as err:
+        raise ModelUnavailableError(f"cannot find CLIPSeg model {ref!r}: {err}. " + _how_to()) from err
+
+
+def load_model(ref: str, device: torch.device, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load model and processor; raises ``ModelUnavailableError`` saying how to get the weights."""
+    local = Path(ref).expanduser()
+    if _looks_like_path(ref) and not local.is_dir():
+        raise ModelUnavailableError(f"model directory {ref!r} does not exist. " + _how_to())
+    source = str(local) if local.is_dir() else ref
+    hf_utils.logging.disable_progress_bar()  # one line per weight file is noise in worker logs
+    try:
+        processor = CLIPSegProcessor.from_pretrained(source)
+        model = CLIPSegForImageSegmentation.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise ModelUnavailableError(f"cannot load CLIPSeg model {ref!r}: {err}. " + _how_to()) from err
+    model = model.to(device).eval()
+    model.requires_grad_(False)
+    log.info("loaded model %s on %s (%s)", ref, device, dtype)
+    return LoadedModel(model, processor, ref, _revision(model, local))
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.startswith((".", "/", "~")) or ref.count("/") > 1
+
+
+def _how_to() -> str:
+    return HOW_TO_GET_WEIGHTS.format(default=DEFAULT_MODEL)
+
+
+def _revision(model: CLIPSegForImageSegmentation, local: Path) -> str:
+    """The hub commit hash, or for a local directory a sha256 of its weight files."""
+    commit = getattr(model.config, "_commit_hash", None)
+    if commit:
+        return commit
+    if not local.is_dir():
+        return "unknown"
+    digest = hashlib.sha256()
+    for weights in sorted(local.glob("*.safetensors")) + sorted(local.glob("*.bin")):
+        with open(weights, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()[:16]

@@ -1,0 +1,63 @@
+"""One image's output files: the two PNGs and the metadata record DESIGN.md lists."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from datetime import datetime, timezone
+from importlib import metadata as package_metadata
+
+from .codecs import encode_png
+from .engine import MaskResult
+from .spec import MaskSpec
+
+
+def clipmask_version() -> str:
+    try:
+        return package_metadata.version("clipmask")
+    except package_metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def worker_identity(device: str) -> dict:
+    """Who made a mask: host, process and device (never credentials)."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "device": device}
+
+
+def encode_masks(result: MaskResult, spec: MaskSpec) -> dict[str, bytes]:
+    """PNG bytes by role: ``mask`` (0/255) and ``raw`` (``round(mask * max)``, 8 or 16 bit)."""
+    return {
+        "mask": encode_png(result.binary_pixels()),
+        "raw": encode_png(result.raw_pixels(spec.raw_bits)),
+    }
+
+
+def metadata_record(*, source: str, size: tuple[int, int], spec: MaskSpec, model: dict,
+                    result: MaskResult, outputs: dict[str, str], timings_ms: dict,
+                    worker: dict) -> dict:
+    """The ``R.json`` record; ``outputs`` maps role to the full URL of each output."""
+    width, height = size
+    return {
+        "source": source,
+        "width": width,
+        "height": height,
+        "prompts": list(spec.prompts),
+        "negative_prompts": list(spec.negative_prompts),
+        "threshold": spec.threshold,
+        "normalize": spec.normalize,
+        "profile": spec.profile,
+        "postprocess": {"blur_sigma": spec.blur_sigma, "grow": spec.grow, "invert": spec.invert},
+        "raw_bits": spec.raw_bits,
+        "model": model,
+        "coverage": result.coverage,
+        "outputs": outputs,
+        "timings_ms": {name: round(ms, 3) for name, ms in timings_ms.items()},
+        "worker": worker,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        "version": clipmask_version(),
+    }
+
+
+def encode_metadata(record: dict) -> bytes:
+    return json.dumps(record, indent=2, sort_keys=True).encode() + b"\n"

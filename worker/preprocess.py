@@ -1,0 +1,53 @@
+"""Image -> pixel tensor, one function per profile (see DESIGN.md, "Preprocessing profiles").
+
+- ``default``: the model's own CLIPSeg image processor (352x352, ImageNet mean/std), so the
+  backbone cost does not depend on the image size and every image batches with every other.
+- ``masquerade``: the seed node's recipe: ImageNet mean/std on the float image, then a square
+  antialiased bilinear resize to max(W, H). Cost grows with the square of the side, so the side
+  is bounded by ``MaskSpec.max_side``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from .errors import ImageTooLargeError
+from .spec import MaskSpec
+
+#: The seed node hard-codes ImageNet statistics; so does the ``masquerade`` profile.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_MASQUERADE_NORMALIZE = transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def check_image(image: Image.Image, spec: MaskSpec) -> None:
+    """Raise ``ImageTooLargeError`` if ``image`` is over the profile's size bound."""
+    side = max(image.size)
+    if spec.profile == "masquerade" and side > spec.max_side:
+        raise ImageTooLargeError(
+            f"image side {side}px is over --max-side {spec.max_side} for the masquerade profile, "
+            f"whose memory grows with the square of the side; raise --max-side (CLIPMASK_MAX_SIDE) "
+            "or use --profile default"
+        )
+
+
+def batch_key(image: Image.Image, spec: MaskSpec) -> int:
+    """Images with equal keys produce pixel tensors of equal shape and can share a batch."""
+    return 0 if spec.profile == "default" else max(image.size)
+
+
+def pixel_values(images: list[Image.Image], spec: MaskSpec, processor) -> torch.Tensor:
+    """Stack the profile's pixel tensors for ``images`` (all with the same ``batch_key``)."""
+    if spec.profile == "default":
+        return processor(images=images, return_tensors="pt")["pixel_values"]
+    return torch.stack([_masquerade_pixels(image) for image in images])
+
+
+def _masquerade_pixels(image: Image.Image) -> torch.Tensor:
+    side = max(image.size)
+    tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    tensor = _MASQUERADE_NORMALIZE(tensor)
+    return transforms.functional.resize(tensor, [side, side], antialias=True)
