@@ -57,4 +57,19 @@ def s3_bucket(s3_env) -> str:
 
 
 # --- models ----------------------------------------------------------------
-# (model fixtures go here)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """Directory of a tiny random CLIPSeg with tokenizer and processor, built offline."""
+    from worker.random_model import build_random_clipseg
+
+    return str(build_random_clipseg(tmp_path_factory.mktemp("models") / "tiny", shape="tiny"))
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_model):
+    """A CPU mask engine on the tiny model, shared by the tests that only read from it."""
+    from worker.engine import MaskEngine
+
+    return MaskEngine.load(tiny_model, device="cpu", batch_size=3)

@@ -20,6 +20,9 @@ from .errors import ImageDecodeError, ImageTooLargeError
 DEFAULT_MAX_PIXELS = 100_000_000
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# clipmask applies its own, configurable limit in decode_image(); Pillow's fixed guard would refuse
+# (or warn about) images that CLIPMASK_MAX_PIXELS allows.
+Image.MAX_IMAGE_PIXELS = None
 
 
 def max_pixels() -> int:
@@ -78,7 +81,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def encode_png(pixels: np.ndarray) -> bytes:
     """Encode a 2-D uint8 or uint16 array as a greyscale PNG."""
     if pixels.dtype == np.uint16:
-        image = Image.fromarray(pixels.astype("<u2"), "I;16")
+        image = Image.fromarray(pixels.astype("<u2"))  # Pillow infers I;16 from the dtype
     else:
         image = Image.fromarray(pixels, "L")
     buffer = io.BytesIO()

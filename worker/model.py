@@ -61,6 +61,7 @@ def load_model(ref: str, device: torch.device, dtype: torch.dtype = torch.float3
     if _looks_like_path(ref) and not local.is_dir():
         raise ModelUnavailableError(f"model directory {ref!r} does not exist. " + _how_to())
     source = str(local) if local.is_dir() else ref
+    check_model_available(ref)  # one small file first: fail in seconds, not after every file times out
     hf_utils.logging.disable_progress_bar()  # one line per weight file is noise in worker logs
     try:
         processor = CLIPSegProcessor.from_pretrained(source)

@@ -41,9 +41,9 @@ SHAPES = {
         decoder_num_attention_heads=2, decoder_intermediate_size=24,
         use_complex_transposed_convolution=True,
     ),
-    # CLIPSegConfig's defaults are ViT-B/16 with rd64; the refined checkpoint adds the
-    # complex transposed convolution.
-    "rd64": dict(use_complex_transposed_convolution=True),
+    # CLIPSegConfig's defaults are CLIP ViT-B with rd64, but with 32-pixel patches; the
+    # checkpoint uses 16-pixel patches (ViT-B/16) and the complex transposed convolution.
+    "rd64": dict(vision_config=dict(patch_size=16), use_complex_transposed_convolution=True),
 }
 
 

@@ -1,0 +1,172 @@
+"""The mask engine against straightforward references, on a tiny random CLIPSeg.
+
+The references are written out here the slow, obvious way: one full model forward per prompt
+(the seed node's way), then resize, sigmoid, max, min. The engine shares one backbone pass
+across prompts and batches images and prompts; its masks must match within float noise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.nn import functional as F
+from torchvision import transforms
+
+from worker.engine import MaskEngine
+from worker.errors import DeviceError, ImageTooLargeError, ModelUnavailableError
+from worker.spec import MaskSpec
+
+TOLERANCE = 1e-4
+SIZES = [(64, 48), (50, 70), (33, 33), (200, 120)]
+
+
+def noise_image(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    smooth = np.linspace(0, 255, width)[None, :, None] * np.ones((height, 1, 3))
+    pixels = 0.5 * smooth + 0.5 * rng.integers(0, 255, (height, width, 3))
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [noise_image(w, h, seed) for seed, (w, h) in enumerate(SIZES)]
+
+
+def full_forward_probabilities(engine, image, prompts, *, masquerade: bool) -> torch.Tensor:
+    """One complete CLIPSeg forward per prompt -> (prompts, H, W) probabilities."""
+    model, processor = engine.loaded.model, engine.loaded.processor
+    tokens = processor.tokenizer(list(prompts), padding=True, return_tensors="pt")
+    if masquerade:  # the seed node: Normalize, then square antialiased Resize to max(W, H)
+        side = max(image.size)
+        tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None].permute(0, 3, 1, 2)
+        transform = transforms.Compose([
+            transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+            transforms.Resize((side, side), antialias=True)])
+        pixels = transform(tensor)
+    else:
+        pixels = processor(images=[image], return_tensors="pt")["pixel_values"]
+    logits = []
+    with torch.no_grad():
+        for i in range(len(prompts)):
+            out = model(input_ids=tokens["input_ids"][i:i + 1], attention_mask=tokens["attention_mask"][i:i + 1],
+                        pixel_values=pixels).logits
+            logits.append(out.reshape(1, *out.shape[-2:]))
+    logits = torch.cat(logits)
+    mode = {"mode": "nearest"} if masquerade else {"mode": "bilinear", "align_corners": False}
+    return torch.sigmoid(F.interpolate(logits[:, None], size=(image.height, image.width), **mode)[:, 0])
+
+
+def reference_mask(engine, image, spec: MaskSpec) -> np.ndarray:
+    masquerade = spec.profile == "masquerade"
+    mask = full_forward_probabilities(engine, image, spec.prompts, masquerade=masquerade).max(0).values
+    if spec.negative_prompts:
+        negative = full_forward_probabilities(engine, image, spec.negative_prompts, masquerade=masquerade)
+        mask = torch.minimum(mask, 1.0 - negative.max(0).values)
+    if spec.normalize:
+        low, high = mask.min(), mask.max()
+        mask = (mask - low) / (high - low) if high > low else torch.zeros_like(mask)
+    return mask.numpy()
+
+
+@pytest.mark.parametrize("profile", ["default", "masquerade"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_masks_match_one_full_forward_per_prompt(engine, images, profile, normalize):
+    # Given mixed-size images and three positive prompts plus a negative
+    spec = MaskSpec.from_text("a cat|dog|the sky", "tree", threshold=0.5, normalize=normalize, profile=profile)
+    # When the engine masks them in one call (shared backbone, batched decoder)
+    results = engine.predict(images, spec)
+    # Then every raw mask equals the per-prompt reference and the threshold is >=
+    for image, result in zip(images, results, strict=True):
+        expected = reference_mask(engine, image, spec)
+        assert result.raw.shape == (image.height, image.width)
+        np.testing.assert_allclose(result.raw, expected, atol=TOLERANCE)
+        assert 0.0 < result.raw.std()  # the tiny model gives masks with structure
+        decided = np.abs(expected - spec.threshold) > TOLERANCE
+        assert np.array_equal(result.binary[decided], (expected >= spec.threshold)[decided])
+
+
+def test_an_image_gets_the_same_mask_alone_or_in_a_batch(engine, images):
+    spec = MaskSpec.from_text("a cat", "dog")
+    together = engine.predict(images, spec)
+    for image, batched in zip(images, together):
+        alone = engine.predict([image], spec)[0]
+        np.testing.assert_allclose(alone.raw, batched.raw, atol=TOLERANCE)
+
+
+def test_backbone_stops_at_the_deepest_layer_the_decoder_reads(engine, images):
+    # Given hooks counting how often each vision encoder layer runs
+    layers = engine.loaded.model.clip.vision_model.encoder.layers
+    calls = [0] * len(layers)
+    hooks = [layer.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, layer in enumerate(layers)]
+    try:
+        # When four prompts are masked on two images of different sizes (one backbone batch)
+        engine.predict(images[:2], MaskSpec.from_text("a|b|c", "d"))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # Then layers up to max(extract_layers) ran once, and deeper ones never
+    deepest = max(engine.loaded.model.config.extract_layers)
+    assert deepest < len(layers) - 1
+    assert calls == [1] * (deepest + 1) + [0] * (len(layers) - deepest - 1)
+
+
+def test_text_embeddings_are_cached_per_prompt_and_bounded(engine, images, monkeypatch):
+    text_model = engine.loaded.model.clip.text_model
+    seen = []
+    hook = text_model.register_forward_hook(lambda _m, args, kwargs, _o: seen.append(1), with_kwargs=True)
+    try:
+        engine.predict(images[:1], MaskSpec.from_text("cache me|and me"))
+        first = len(seen)
+        engine.predict(images[1:2], MaskSpec.from_text("and me|cache me"))
+        assert first == 1 and len(seen) == 1  # second call: no text forward at all
+        monkeypatch.setattr("worker.engine.TEXT_CACHE_SIZE", 2)
+        engine.predict(images[:1], MaskSpec.from_text("x|y|z"))
+        assert len(engine._text_cache) == 2
+    finally:
+        hook.remove()
+
+
+def test_masquerade_refuses_images_over_max_side_naming_the_option(engine):
+    spec = MaskSpec.from_text("a cat", profile="masquerade", max_side=100)
+    with pytest.raises(ImageTooLargeError, match="--max-side"):
+        engine.check(noise_image(101, 20, 0), spec)
+    engine.check(noise_image(100, 20, 0), spec)  # at the bound: accepted
+    engine.check(noise_image(4000, 20, 0), MaskSpec.from_text("a cat", max_side=100))  # default: unbounded
+
+
+def test_missing_model_directory_says_how_to_provide_weights(tmp_path):
+    with pytest.raises(ModelUnavailableError, match="CLIPMASK_MODEL"):
+        MaskEngine.load(str(tmp_path / "no-such-model"), device="cpu")
+
+
+def test_unreachable_hub_model_says_how_to_provide_weights(monkeypatch):
+    # HF_HUB_OFFLINE is read at import; set the parsed value (an empty cache, no network)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelUnavailableError, match="hf download"):
+        MaskEngine.load("CIDAS/clipseg-rd64-refined", device="cpu")
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", ""])
+def test_malformed_device_is_rejected_with_the_accepted_forms(tiny_model, device):
+    with pytest.raises(DeviceError, match="auto, cpu, cuda or cuda:N"):
+        MaskEngine.load(tiny_model, device=device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_on_a_machine_without_gpus_is_a_clear_error(tiny_model):
+    with pytest.raises(DeviceError, match="use cpu or auto"):
+        MaskEngine.load(tiny_model, device="cuda:0")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_half_precision_on_cuda_stays_close_to_fp32(tiny_model, images, precision):
+    spec = MaskSpec.from_text("a cat|dog", "tree")
+    cpu = MaskEngine.load(tiny_model, device="cpu").predict(images, spec)
+    gpu = MaskEngine.load(tiny_model, device="cuda", precision=precision).predict(images, spec)
+    for a, b in zip(cpu, gpu):
+        assert np.abs(a.raw - b.raw).mean() < 0.01
