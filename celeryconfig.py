@@ -51,6 +51,10 @@ worker_cancel_long_running_tasks_on_connection_loss = True
 #: slow chunk would be run twice in parallel.
 broker_transport_options = {
     "visibility_timeout": _env_int("CLIPMASK_VISIBILITY_TIMEOUT", 2 * task_time_limit),
+    # How often a worker looks for tasks whose worker died (unacknowledged past the timeout):
+    # every interval * throttle seconds. Kombu's defaults, adjustable for small timeouts.
+    "unacked_restore_interval": _env_int("CLIPMASK_RESTORE_INTERVAL", 10),
+    "unacked_restore_throttle": _env_int("CLIPMASK_RESTORE_THROTTLE", 10),
 }
 result_backend_transport_options = {"retry_policy": {"timeout": 5.0}}
 broker_connection_retry_on_startup = True

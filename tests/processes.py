@@ -1,0 +1,81 @@
+"""Running clipmask's own commands as a user would: subprocesses with an environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# The installed console script, as users run it (the test command installs the project).
+CLIPMASK = [str(Path(sys.executable).with_name("clipmask"))]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def clipmask(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``clipmask ARGS`` to completion; stdout and stderr captured as text."""
+    return subprocess.run([*CLIPMASK, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+class Worker:
+    """``clipmask worker`` in its own process group, logging to a file."""
+
+    def __init__(self, env: dict, log_path: Path, name: str):
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        self.process = subprocess.Popen(
+            [*CLIPMASK, "worker", "--device", "cpu", "--loglevel", "INFO", "-n", f"{name}@%h"],
+            env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def tasks(self, event: str) -> set[str]:
+        """Ids of the tasks this worker logged as ``received`` or ``succeeded``."""
+        return set(re.findall(rf"Task clipmask\.\w+\[([0-9a-f-]+)\] {event}", self.log()))
+
+    def in_flight(self) -> set[str]:
+        return self.tasks("received") - self.tasks("succeeded")
+
+    def terminate(self, timeout: float = 60) -> int:
+        """SIGTERM (Celery's warm shutdown) and wait; returns the exit code."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its pool processes at once, as a crashed machine would."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(30)
+        self._log.close()
+
+    def stop_quietly(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(30)
+        if not self._log.closed:
+            self._log.close()
+
+
+def job_status(job_id: str, env: dict) -> dict:
+    result = clipmask("status", job_id, "--json", env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def wait_for(job_id: str, env: dict, done: int | None = None, timeout: float = 240,
+             worker: Worker | None = None) -> dict:
+    """Poll ``clipmask status --json`` until finished (or ``done`` outcomes); fail with the log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = job_status(job_id, env)
+        if status["state"] == "finished" or (done is not None and status["done"] >= done):
+            return status
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} not done after {timeout}s: {status}\n" + (worker.log() if worker else ""))

@@ -1,0 +1,178 @@
+"""A job from S3 through a real Celery worker and back, as a user runs it from the shell.
+
+Real parts only: the redis-server and the moto S3 server started by conftest, ``clipmask worker``
+and ``clipmask submit`` / ``status`` as subprocesses, the tiny random CLIPSeg.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import uuid
+
+import boto3
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.processes import Worker, clipmask, job_status, wait_for
+from worker.spec import MaskSpec
+
+PROMPT, NEGATIVE = "a cat|dog", "tree"
+
+
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def sample_inputs() -> dict[str, bytes]:
+    """JPEG, greyscale PNG, RGBA PNG and WebP in nested folders, a corrupt JPEG and a non-image."""
+    rng = np.random.default_rng(7)
+    rgb = lambda w, h: Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))  # noqa: E731
+    return {
+        "photos/cat.jpg": encoded(rgb(96, 64), "JPEG"),
+        "photos/deep/grey.png": encoded(rgb(40, 72).convert("L"), "PNG"),
+        "alpha.png": encoded(rgb(50, 50).convert("RGBA"), "PNG"),
+        "photos/pic.webp": encoded(rgb(64, 48), "WEBP"),
+        "photos/broken.jpg": b"\xff\xd8\xff\xe0 this is not really a jpeg",
+        "notes.txt": b"not an image, not listed",
+    }
+
+
+@pytest.fixture
+def job_env(s3_env, redis_url, tiny_model, tmp_path):
+    """Environment of a user's shell: broker, results, S3 and model, a queue of this test's own."""
+    redis_base = redis_url.rsplit("/", 1)[0]
+    return {**s3_env, "CELERY_BROKER_URL": f"{redis_base}/0", "CELERY_RESULT_BACKEND": f"{redis_base}/1",
+            "CLIPMASK_MODEL": tiny_model, "CLIPMASK_QUEUE": f"test-{uuid.uuid4().hex[:8]}",
+            "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture
+def bucket_with_inputs(s3_bucket):
+    s3 = boto3.client("s3")
+    for key, data in sample_inputs().items():
+        s3.put_object(Bucket=s3_bucket, Key=f"in/{key}", Body=data)
+    return s3_bucket
+
+
+@pytest.fixture
+def start_worker(job_env, tmp_path):
+    workers = []
+
+    def start(name: str = "w1", **env) -> Worker:
+        worker = Worker({**job_env, **env}, tmp_path / f"{name}.log", f"{name}-{uuid.uuid4().hex[:6]}")
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop_quietly()
+
+
+def read_object(bucket: str, key: str) -> bytes:
+    return boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def submit(bucket: str, env: dict, *extra: str) -> str:
+    result = clipmask("submit", f"s3://{bucket}/in/", "--out", f"s3://{bucket}/out/",
+                      "--prompt", PROMPT, "--negative", NEGATIVE, *extra, env=env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_job_masks_every_image_and_reports_the_corrupt_one(bucket_with_inputs, job_env, start_worker, engine):
+    bucket = bucket_with_inputs
+    # Given a running worker
+    worker = start_worker()
+    # When a job is submitted from the shell and followed with status --json
+    job_id = submit(bucket, job_env, "--chunk-size", "2")
+    status = wait_for(job_id, job_env, worker=worker)
+    # Then every input has an outcome: the corrupt image failed, the others succeeded
+    assert status["state"] == "finished"
+    assert (status["total"], status["succeeded"], status["failed"], status["skipped"]) == (5, 4, 1, 0)
+
+    manifest = [json.loads(line) for line in read_object(bucket, f"out/_jobs/{job_id}/manifest.jsonl").splitlines()]
+    by_source = {row["source"]: row for row in manifest}
+    assert set(by_source) == {f"s3://{bucket}/in/{key}" for key in sample_inputs() if key != "notes.txt"}
+    broken = by_source[f"s3://{bucket}/in/photos/broken.jpg"]
+    assert broken["status"] == "failed" and "ImageDecodeError" in broken["error"]
+    summary = json.loads(read_object(bucket, f"out/_jobs/{job_id}/summary.json"))
+    assert (summary["succeeded"], summary["failed"]) == (4, 1)
+
+    # And each mask is what the engine computes in-process for the same image and options
+    spec = MaskSpec.from_text(PROMPT, NEGATIVE)
+    for key, data in sample_inputs().items():
+        if key in ("photos/broken.jpg", "notes.txt"):
+            continue
+        from worker.codecs import decode_image
+
+        image = decode_image(data)
+        expected = engine.predict([image], spec)[0]
+        mask = np.asarray(Image.open(io.BytesIO(read_object(bucket, f"out/{key}.mask.png"))))
+        raw = np.asarray(Image.open(io.BytesIO(read_object(bucket, f"out/{key}.raw.png"))))
+        meta = json.loads(read_object(bucket, f"out/{key}.json"))
+        assert mask.shape == raw.shape == (image.height, image.width)
+        assert set(np.unique(mask)) <= {0, 255}
+        assert np.abs(raw.astype(int) - expected.raw_pixels().astype(int)).max() <= 1
+        assert np.mean(mask == expected.binary_pixels()) > 0.999
+        assert meta["source"] == f"s3://{bucket}/in/{key}"
+        assert (meta["width"], meta["height"]) == image.size
+        assert meta["prompts"] == ["a cat", "dog"] and meta["negative_prompts"] == ["tree"]
+        assert meta["outputs"]["mask"] == f"s3://{bucket}/out/{key}.mask.png"
+        assert meta["coverage"] == pytest.approx(float(np.mean(mask == 255)))
+        assert meta["model"]["revision"].startswith("sha256:")
+
+    # And SIGTERM stops the worker cleanly
+    assert worker.terminate() == 0, worker.log()
+    assert "ERROR" not in worker.log()
+
+
+def test_a_killed_worker_loses_no_image(bucket_with_inputs, job_env, start_worker):
+    bucket = bucket_with_inputs
+    fast_redelivery = {"CLIPMASK_VISIBILITY_TIMEOUT": "4", "CLIPMASK_TASK_TIME_LIMIT": "3",
+                       "CLIPMASK_RESTORE_INTERVAL": "1", "CLIPMASK_RESTORE_THROTTLE": "1"}
+    env = {**job_env, **fast_redelivery}
+    # Given a job of one image per task and a worker in the middle of one of them
+    first = start_worker("doomed", **fast_redelivery)
+    job_id = submit(bucket, env, "--chunk-size", "1")
+    deadline = time.monotonic() + 120
+    while not first.in_flight() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # When that worker dies without a chance to acknowledge or finish anything
+    first.kill()
+    lost = first.in_flight()
+    assert lost and job_status(job_id, env)["state"] != "finished", first.log()
+    # Then a new worker is handed the interrupted task again, and no image is lost or counted twice
+    second = start_worker("rescuer", **fast_redelivery)
+    status = wait_for(job_id, env, worker=second)
+    assert lost <= second.tasks("received")
+    assert (status["total"], status["succeeded"], status["failed"]) == (5, 4, 1)
+    manifest = read_object(bucket, f"out/_jobs/{job_id}/manifest.jsonl").splitlines()
+    assert len(manifest) == 5
+
+
+def test_submit_with_skip_existing_skips_what_a_previous_job_masked(bucket_with_inputs, job_env, start_worker):
+    bucket = bucket_with_inputs
+    worker = start_worker()
+    first = wait_for(submit(bucket, job_env), job_env, worker=worker)
+    assert first["succeeded"] == 4
+    second = wait_for(submit(bucket, job_env, "--skip-existing"), job_env, worker=worker)
+    assert (second["skipped"], second["succeeded"], second["failed"]) == (4, 0, 1)
+
+
+def test_submit_rejects_an_empty_source_and_a_bad_option(s3_bucket, job_env):
+    empty = clipmask("submit", f"s3://{s3_bucket}/nothing/", "--out", f"s3://{s3_bucket}/out/",
+                     "--prompt", "cat", env=job_env)
+    assert empty.returncode == 2 and "no images under" in empty.stderr
+    bad = clipmask("submit", f"s3://{s3_bucket}/in/", "--out", f"s3://{s3_bucket}/out/",
+                   "--prompt", "cat", "--threshold", "1.5", env=job_env)
+    assert bad.returncode == 2 and "--threshold must be in [0, 1]" in bad.stderr
+
+
+def test_status_of_an_unknown_job_names_the_problem(job_env):
+    result = clipmask("status", "nosuchjob", "--json", env=job_env)
+    assert result.returncode == 1 and "no job 'nosuchjob'" in result.stderr
