@@ -176,3 +176,28 @@ def test_submit_rejects_an_empty_source_and_a_bad_option(s3_bucket, job_env):
 def test_status_of_an_unknown_job_names_the_problem(job_env):
     result = clipmask("status", "nosuchjob", "--json", env=job_env)
     assert result.returncode == 1 and "no job 'nosuchjob'" in result.stderr
+
+
+def test_backend_offload_of_one_image_returns_its_mask_keys_and_metadata(
+        bucket_with_inputs, job_env, start_worker, monkeypatch):
+    bucket = bucket_with_inputs
+    # Given a worker, and a backend process configured from the same environment
+    worker = start_worker()
+    for name, value in job_env.items():
+        monkeypatch.setenv(name, value)
+    from tasks.client import mask_image
+    from worker.celery_app import app
+
+    app.conf.update(broker_url=job_env["CELERY_BROKER_URL"], result_backend=job_env["CELERY_RESULT_BACKEND"],
+                    task_default_queue=job_env["CLIPMASK_QUEUE"])
+    # When it offloads one uploaded image and waits for the answer
+    result = mask_image(f"s3://{bucket}/in/", "photos/cat.jpg", f"s3://{bucket}/offload/", prompt="a cat")
+    row = result.get(timeout=120)
+    # Then the answer names the written masks and carries the metadata record
+    assert row["status"] == "succeeded", worker.log()
+    assert row["outputs"]["mask"] == f"s3://{bucket}/offload/photos/cat.jpg.mask.png"
+    assert row["metadata"]["width"] == 96 and row["metadata"]["prompts"] == ["a cat"]
+    assert read_object(bucket, "offload/photos/cat.jpg.mask.png").startswith(b"\x89PNG")
+    # And a corrupt upload comes back as a failed row with the reason, not an exception
+    bad = mask_image(f"s3://{bucket}/in/", "photos/broken.jpg", f"s3://{bucket}/offload/", prompt="a cat")
+    assert bad.get(timeout=120)["status"] == "failed"

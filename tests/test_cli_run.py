@@ -1,0 +1,108 @@
+"""``clipmask run``: the embedded default, no broker, from the shell."""
+
+from __future__ import annotations
+
+import json
+
+import boto3
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.processes import clipmask
+from tests.test_engine import reference_mask
+from tests.test_jobs_e2e import sample_inputs
+from worker.codecs import decode_image
+from worker.spec import MaskSpec
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    """The sample inputs (JPEG, grey PNG, RGBA PNG, WebP, a corrupt JPEG) in nested folders."""
+    root = tmp_path / "images"
+    for key, data in sample_inputs().items():
+        (root / key).parent.mkdir(parents=True, exist_ok=True)
+        (root / key).write_bytes(data)
+    return root
+
+
+@pytest.fixture
+def run_env(tiny_model):
+    import os
+
+    return {**os.environ, "CLIPMASK_MODEL": tiny_model, "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_run_writes_masks_that_match_the_seed_semantics(image_dir, tmp_path, run_env, engine, normalize):
+    out = tmp_path / "out"
+    # When a user masks a folder with the documented command
+    args = ["run", str(image_dir), "--out", str(out), "--prompt", "a cat|dog", "--negative", "tree",
+            "--threshold", "0.5", "--device", "cpu", "--quiet"] + (["--normalize"] if normalize else [])
+    result = clipmask(*args, env=run_env)
+    # Then it reports the corrupt image (exit 1) and writes the rest next to their relative paths
+    assert result.returncode == 1, result.stderr
+    assert "4 succeeded, 1 failed, 0 skipped" in result.stdout
+    spec = MaskSpec.from_text("a cat|dog", "tree", normalize=normalize)
+    for key, data in sample_inputs().items():
+        if key in ("photos/broken.jpg", "notes.txt"):
+            assert not (out / f"{key}.mask.png").exists()
+            continue
+        image = decode_image(data)
+        expected = reference_mask(engine, image, spec)
+        raw = np.asarray(Image.open(out / f"{key}.raw.png")).astype(int)
+        mask = np.asarray(Image.open(out / f"{key}.mask.png"))
+        assert np.abs(raw - np.rint(expected * 255)).max() <= 1
+        decided = np.abs(expected - 0.5) > 1e-4
+        assert np.array_equal(mask[decided] == 255, (expected >= 0.5)[decided])
+        assert json.loads((out / f"{key}.json").read_text())["normalize"] is normalize
+    (job_dir,) = (out / "_jobs").iterdir()
+    rows = [json.loads(line) for line in (job_dir / "manifest.jsonl").read_text().splitlines()]
+    assert [row["status"] for row in rows].count("failed") == 1
+    assert "ImageDecodeError" in next(row["error"] for row in rows if row["status"] == "failed")
+
+
+def test_run_reads_and_writes_s3_urls(image_dir, tmp_path, run_env, s3_env, s3_bucket):
+    env = {**run_env, **s3_env}
+    result = clipmask("run", str(image_dir), "--out", f"s3://{s3_bucket}/masks", "--prompt", "dog",
+                      "--quiet", env=env)
+    assert result.returncode == 1, result.stderr
+    back = tmp_path / "back"
+    result = clipmask("run", f"s3://{s3_bucket}/masks/", "--out", str(back), "--prompt", "dog", "--quiet",
+                      env=env)
+    # the second run reads the first run's outputs: it must skip its own .mask/.raw files
+    assert result.returncode == 2 and "no images under" in result.stderr
+    keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket)["Contents"]}
+    assert "masks/photos/cat.jpg.mask.png" in keys and "masks/alpha.png.json" in keys
+
+
+def test_run_skip_existing_leaves_finished_images_alone(image_dir, tmp_path, run_env):
+    out = tmp_path / "out"
+    args = ["run", str(image_dir), "--out", str(out), "--prompt", "dog", "--quiet", "--device", "cpu"]
+    clipmask(*args, env=run_env)
+    before = (out / "photos/cat.jpg.json").read_text()
+    again = clipmask(*args, "--skip-existing", env=run_env)
+    assert "0 succeeded, 1 failed, 4 skipped" in again.stdout
+    assert (out / "photos/cat.jpg.json").read_text() == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--threshold", "2"], "--threshold must be in [0, 1]"),
+    (["--prompt", " | "], "no positive prompt: pass --prompt"),
+    (["--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N"),
+    (["--model", "/no/such/model"], "CLIPMASK_MODEL"),
+    (["--profile", "fast"], "invalid choice: 'fast'"),
+])
+def test_run_rejects_bad_options_with_a_fix(image_dir, tmp_path, run_env, args, message):
+    base = ["run", str(image_dir), "--out", str(tmp_path / "out"), "--prompt", "dog", "--quiet"]
+    result = clipmask(*base, *args, env=run_env)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_explains_the_commands(run_env):
+    result = clipmask("--help", env=run_env)
+    assert result.returncode == 0
+    for word in ("run", "submit", "status", "worker", "CLIPMASK_MODEL", "CELERY_BROKER_URL"):
+        assert word in result.stdout
