@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 from PIL import Image
 
-from storage import ObjectStore
+from storage import ObjectStore, is_transient
 from storage.layout import output_keys
 from worker.engine import MaskEngine, MaskResult
 from worker.errors import ImageError
@@ -68,8 +68,8 @@ def with_retries(call: Callable[[], T], what: str) -> T:
     for attempt in range(STORAGE_ATTEMPTS):
         try:
             return call()
-        except (ConnectionError, TimeoutError) as err:
-            if attempt == STORAGE_ATTEMPTS - 1:
+        except OSError as err:
+            if not is_transient(err) or attempt == STORAGE_ATTEMPTS - 1:
                 raise
             delay = STORAGE_BACKOFF_S * 2 ** attempt
             log.warning("%s: transient storage error (%s), retrying in %.1fs", what, err, delay)

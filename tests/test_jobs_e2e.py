@@ -133,7 +133,7 @@ def test_job_masks_every_image_and_reports_the_corrupt_one(bucket_with_inputs, j
 
 def test_a_killed_worker_loses_no_image(bucket_with_inputs, job_env, start_worker):
     bucket = bucket_with_inputs
-    fast_redelivery = {"CLIPMASK_VISIBILITY_TIMEOUT": "4", "CLIPMASK_TASK_TIME_LIMIT": "3",
+    fast_redelivery = {"CLIPMASK_VISIBILITY_TIMEOUT": "4", "CLIPMASK_TASK_TIME_LIMIT": "60",
                        "CLIPMASK_RESTORE_INTERVAL": "1", "CLIPMASK_RESTORE_THROTTLE": "1"}
     env = {**job_env, **fast_redelivery}
     # Given a job of one image per task and a worker in the middle of one of them
