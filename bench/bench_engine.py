@@ -50,6 +50,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own default)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--batch-size", type=int, default=32, help="clipmask --batch-size on cuda")
+    parser.add_argument("--seed-attention", choices=("eager", "sdpa"), default="eager",
+                        help="attention of the seed baseline: eager is what the node's clipseg code does; "
+                             "sdpa shows how much of the gap fused attention alone would close")
     parser.add_argument("--model-dir", type=Path, default=BENCH_DIR / ".cache" / "rd64")
     parser.add_argument("--json", type=Path, default=BENCH_DIR / "results" / "latest.json")
     args = parser.parse_args()
@@ -102,14 +105,14 @@ def write_images(root: Path, count: int) -> list[Path]:
 # ---------------------------------------------------------------- the seed node's algorithm
 
 
-def load_seed_model(model_dir: Path, device: str):
-    """The same weights with eager attention (explicit bmm + softmax, as timojl/clipseg)."""
+def load_seed_model(model_dir: Path, device: str, attention: str = "eager"):
+    """The same weights; eager attention (explicit bmm + softmax) is what timojl/clipseg does."""
     from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
-    model = CLIPSegForImageSegmentation.from_pretrained(model_dir, attn_implementation="eager")
+    model = CLIPSegForImageSegmentation.from_pretrained(model_dir, attn_implementation=attention)
     tokenizer = CLIPSegProcessor.from_pretrained(model_dir).tokenizer
     return model.eval().to(device), tokenizer
 
@@ -167,7 +170,7 @@ def seed_one(model, tokenizer, path: Path, src: Path, out: Path, device: str) ->
 
 def time_seed(args, paths: list[Path], src: Path, out: Path) -> float:
     """Seconds per image over ``paths[1:]``, ``paths[0]`` being the warm-up."""
-    model, tokenizer = load_seed_model(args.model_dir, args.device)
+    model, tokenizer = load_seed_model(args.model_dir, args.device, args.seed_attention)
     seed_one(model, tokenizer, paths[0], src, out, args.device)
     started = time.perf_counter()
     for path in paths[1:]:
@@ -244,7 +247,7 @@ def environment(args) -> dict:
         names = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
         cpu = f"{names[0]} x{len(names)}" if names else cpu
     info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu,
-            "python": platform.python_version(), "device": args.device,
+            "python": platform.python_version(), "device": args.device, "seed_attention": args.seed_attention,
             "command": shlex.join([sys.executable, *sys.argv])}
     if args.device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(args.device)

@@ -18,6 +18,7 @@ from PIL import Image
 
 from storage import ObjectStore, is_transient
 from storage.layout import output_keys
+from worker.codecs import decode_image
 from worker.engine import MaskEngine, MaskResult
 from worker.errors import ImageError
 from worker.outputs import encode_masks, encode_metadata, metadata_record, worker_identity
@@ -121,7 +122,7 @@ class Pipeline:
             started = time.perf_counter()
             data = with_retries(lambda: self.source.read_bytes(key), self._name(key))
             read = time.perf_counter()
-            item.image = _decode(data)
+            item.image = decode_image(data)
             self.engine.check(item.image, self.spec)
             item.timings_ms = {"download": (read - started) * 1e3, "decode": (time.perf_counter() - read) * 1e3}
         except (ImageError, OSError) as err:
@@ -179,9 +180,3 @@ class Pipeline:
 
     def _name(self, key: str) -> str:
         return self._prefix() + self.source.url_for(key)
-
-
-def _decode(data: bytes) -> Image.Image:
-    from worker.codecs import decode_image
-
-    return decode_image(data)

@@ -201,3 +201,18 @@ def test_backend_offload_of_one_image_returns_its_mask_keys_and_metadata(
     # And a corrupt upload comes back as a failed row with the reason, not an exception
     bad = mask_image(f"s3://{bucket}/in/", "photos/broken.jpg", f"s3://{bucket}/offload/", prompt="a cat")
     assert bad.get(timeout=120)["status"] == "failed"
+
+
+def test_a_worker_carries_on_after_redis_restarts(bucket_with_inputs, job_env, start_worker, redis_server):
+    bucket = bucket_with_inputs
+    # Given a worker connected to the broker
+    worker = start_worker()
+    wait_for(submit(bucket, job_env), job_env, worker=worker)
+    # When redis-server goes away and comes back on the same address
+    redis_server.stop()
+    time.sleep(2)
+    redis_server.start()
+    # Then the same worker reconnects and runs the next job to the end
+    status = wait_for(submit(bucket, job_env), job_env, worker=worker, timeout=180)
+    assert (status["succeeded"], status["failed"]) == (4, 1)
+    assert worker.process.poll() is None
