@@ -93,10 +93,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from kombu.exceptions import OperationalError
+    from redis import RedisError
+
     from . import commands
 
     try:
         return getattr(commands, args.command)(args, extra)
+    except (RedisError, OperationalError) as err:
+        print(f"clipmask {args.command}: error: cannot reach Redis ({err}); check CELERY_BROKER_URL, "
+              "CELERY_RESULT_BACKEND or CLIPMASK_REDIS_URL and that redis-server is running", file=sys.stderr)
+        return 2
     except (ClipmaskError, ValueError, LookupError, OSError) as err:
         print(f"clipmask {args.command}: error: {err}", file=sys.stderr)
         return 1 if isinstance(err, LookupError) and args.command == "status" else 2

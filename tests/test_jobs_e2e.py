@@ -216,3 +216,70 @@ def test_a_worker_carries_on_after_redis_restarts(bucket_with_inputs, job_env, s
     status = wait_for(submit(bucket, job_env), job_env, worker=worker, timeout=180)
     assert (status["succeeded"], status["failed"]) == (4, 1)
     assert worker.process.poll() is None
+
+
+def test_an_unreachable_redis_is_named_with_the_variable_to_fix(job_env, s3_bucket):
+    from tests.services import free_port
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    env = {**job_env, "CELERY_BROKER_URL": dead, "CELERY_RESULT_BACKEND": dead}
+    result = clipmask("status", "somejob", env=env)
+    assert result.returncode == 2 and "CELERY_BROKER_URL" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_cancelled_job_skips_what_was_still_queued(bucket_with_inputs, job_env, start_worker):
+    bucket = bucket_with_inputs
+    # Given a job queued while no worker runs
+    job_id = submit(bucket, job_env, "--chunk-size", "1")
+    assert job_status(job_id, job_env)["state"] == "queued"
+    # When the user cancels it and a worker then comes up
+    result = clipmask("cancel", job_id, env=job_env)
+    assert result.returncode == 0, result.stderr
+    worker = start_worker()
+    # Then every input is recorded as skipped, nothing is masked, and the job says cancelled
+    deadline = time.monotonic() + 120
+    while (status := job_status(job_id, job_env))["done"] < 5 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert (status["state"], status["skipped"], status["succeeded"]) == ("cancelled", 5, 0), worker.log()
+    rows = [json.loads(line) for line in read_object(bucket, f"out/_jobs/{job_id}/manifest.jsonl").splitlines()]
+    assert {row["error"] for row in rows} == {"job cancelled"}
+    assert "Contents" not in boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix="out/photos/")
+    watch = clipmask("status", job_id, "--watch", env=job_env)
+    assert watch.returncode == 0 and "cancelled" in watch.stdout
+
+
+def test_scheduled_scan_masks_only_new_images(bucket_with_inputs, job_env, start_worker, monkeypatch):
+    bucket = bucket_with_inputs
+    worker = start_worker()
+    from worker.celery_app import app
+
+    app.conf.update(broker_url=job_env["CELERY_BROKER_URL"], result_backend=job_env["CELERY_RESULT_BACKEND"])
+    scan = {"source": f"s3://{bucket}/in/", "dest": f"s3://{bucket}/out/", "prompt": "dog"}
+    queue = job_env["CLIPMASK_QUEUE"]
+    # Given a first scheduled scan over the prefix
+    first = app.send_task("clipmask.scheduled_scan", kwargs=scan, queue=queue).get(timeout=120)
+    assert wait_for(first, job_env, worker=worker)["succeeded"] == 4
+    # When a new image arrives and the schedule fires again
+    boto3.client("s3").put_object(Bucket=bucket, Key="in/new/late.png", Body=sample_inputs()["alpha.png"])
+    second = app.send_task("clipmask.scheduled_scan", kwargs=scan, queue=queue).get(timeout=120)
+    # Then only the new image is masked
+    status = wait_for(second, job_env, worker=worker)
+    assert (status["succeeded"], status["skipped"], status["failed"]) == (1, 4, 1)
+
+
+def test_beat_schedule_comes_from_the_environment(job_env):
+    import subprocess
+    import sys
+
+    entry = {"source": "s3://b/in/", "dest": "s3://b/out/", "prompt": "dog", "every_s": 600}
+    env = {**job_env, "CLIPMASK_SCHEDULE": json.dumps([entry])}
+    code = "import celeryconfig, json; print(json.dumps(celeryconfig.beat_schedule))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    schedule = json.loads(out.stdout)
+    assert schedule == {"clipmask-scan-0": {"task": "clipmask.scheduled_scan", "schedule": 600.0,
+                                            "kwargs": {"source": "s3://b/in/", "dest": "s3://b/out/",
+                                                       "prompt": "dog"}}}
+    bad = subprocess.run([sys.executable, "-c", code], env={**env, "CLIPMASK_SCHEDULE": "[oops"},
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "CLIPMASK_SCHEDULE must be JSON" in bad.stderr
