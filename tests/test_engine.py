@@ -87,6 +87,19 @@ def test_masks_match_one_full_forward_per_prompt(engine, images, profile, normal
         assert np.array_equal(result.binary[decided], (expected >= spec.threshold)[decided])
 
 
+@pytest.mark.parametrize("profile", ["default", "masquerade"])
+def test_another_model_layout_matches_its_reference(tmp_path_factory, images, profile):
+    # Given a CLIPSeg with 32-pixel patches, extract_layers out of order and late conditioning
+    from worker.random_model import build_random_clipseg
+
+    path = tmp_path_factory.mktemp("models") / "tiny32"
+    other = MaskEngine.load(str(build_random_clipseg(path, shape="tiny32")), device="cpu")
+    spec = MaskSpec.from_text("a cat|dog", "tree", profile=profile)
+    # When / Then its masks match its own full forward too
+    for image, result in zip(images, other.predict(images, spec), strict=True):
+        np.testing.assert_allclose(result.raw, reference_mask(other, image, spec), atol=TOLERANCE)
+
+
 def test_an_image_gets_the_same_mask_alone_or_in_a_batch(engine, images):
     spec = MaskSpec.from_text("a cat", "dog")
     together = engine.predict(images, spec)

@@ -32,15 +32,18 @@ class SplitCLIPSeg:
         self.depth = max(self.extract_layers) + 1  # encoder layers actually needed
 
     def backbone(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """(N, 3, S, S) pixels -> activations of each extracted layer, each (N, tokens, hidden)."""
+        """(N, 3, S, S) pixels -> activations of the extracted layers, in ``extract_layers`` order.
+
+        Each is (N, tokens, hidden); the order is the config's, as the model's own forward uses it.
+        """
         hidden = self.vision.embeddings(pixel_values, interpolate_pos_encoding=True)
         hidden = self.vision.pre_layrnorm(hidden)
-        activations = []
+        outputs = {}
         for index, layer in enumerate(self.vision.encoder.layers[: self.depth]):
             hidden = layer(hidden, None)
             if index in self.extract_layers:
-                activations.append(hidden)
-        return activations
+                outputs[index] = hidden
+        return [outputs[index] for index in self.extract_layers]
 
     def reduce(self, activations: list[torch.Tensor]) -> list[torch.Tensor]:
         """Project activations to the decoder width, deepest first (the decoder's order)."""

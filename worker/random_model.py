@@ -7,6 +7,7 @@ byte-level vocabulary and the CLIPSeg image processor (352x352, ImageNet mean/st
 
 Shapes:
 - ``tiny``: a few thousand parameters, for tests (seconds on a laptop CPU).
+- ``tiny32``: as small, with another layout (32-pixel patches, layers out of order), for tests.
 - ``rd64``: the shapes of ``CIDAS/clipseg-rd64-refined`` (ViT-B/16, reduce_dim 64), for timing.
 """
 
@@ -40,6 +41,17 @@ SHAPES = {
         projection_dim=16, reduce_dim=16, extract_layers=[1, 2, 3],
         decoder_num_attention_heads=2, decoder_intermediate_size=24,
         use_complex_transposed_convolution=True,
+    ),
+    # Another layout the engine must honour: 32-pixel patches, the plain transposed convolution,
+    # extract_layers out of order and FiLM after the first decoder layer.
+    "tiny32": dict(
+        text_config=dict(hidden_size=16, intermediate_size=20, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77),
+        vision_config=dict(hidden_size=24, intermediate_size=30, num_hidden_layers=4,
+                           num_attention_heads=2, image_size=224, patch_size=32),
+        projection_dim=12, reduce_dim=8, extract_layers=[2, 0], conditional_layer=1,
+        decoder_num_attention_heads=1, decoder_intermediate_size=10,
+        use_complex_transposed_convolution=False,
     ),
     # CLIPSegConfig's defaults are CLIP ViT-B with rd64, but with 32-pixel patches; the
     # checkpoint uses 16-pixel patches (ViT-B/16) and the complex transposed convolution.
@@ -80,7 +92,9 @@ def build_random_clipseg(path: str | Path, shape: str = "tiny", seed: int = 0) -
     with torch.no_grad():
         # Random init gives logits in the tens, so every sigmoid saturates to 0 or 1; scaled
         # down, masks spread over [0, 1] and thresholds mean something in tests.
-        model.decoder.transposed_convolution[-1].weight.mul_(LOGIT_SCALE)
+        last = model.decoder.transposed_convolution
+        last = last[-1] if isinstance(last, torch.nn.Sequential) else last
+        last.weight.mul_(LOGIT_SCALE)
     image_processor = ViTImageProcessor(
         size={"height": PROCESSOR_SIZE, "width": PROCESSOR_SIZE},
         image_mean=IMAGENET_MEAN,
