@@ -106,3 +106,28 @@ def test_help_explains_the_commands(run_env):
     assert result.returncode == 0
     for word in ("run", "submit", "status", "worker", "CLIPMASK_MODEL", "CELERY_BROKER_URL"):
         assert word in result.stdout
+
+
+def test_post_processing_options_shape_the_outputs_and_are_recorded(image_dir, tmp_path, run_env, engine):
+    plain, edited = tmp_path / "plain", tmp_path / "edited"
+    base = ["run", str(image_dir), "--prompt", "dog", "--quiet", "--device", "cpu"]
+    clipmask(*base, "--out", str(plain), env=run_env)
+    # When the user asks for a blurred, grown, inverted mask with a 16-bit raw PNG
+    clipmask(*base, "--out", str(edited), "--blur", "1.5", "--grow", "2", "--invert", "--raw-bits", "16",
+             env=run_env)
+    meta = json.loads((edited / "photos/cat.jpg.json").read_text())
+    # Then the metadata records every option
+    assert meta["postprocess"] == {"blur_sigma": 1.5, "grow": 2, "invert": True} and meta["raw_bits"] == 16
+    # And the raw mask is 16-bit, inverted and smoother than the plain one
+    raw16 = np.asarray(Image.open(edited / "photos/cat.jpg.raw.png")).astype(float) / 65535
+    raw8 = np.asarray(Image.open(plain / "photos/cat.jpg.raw.png")).astype(float) / 255
+    assert Image.open(edited / "photos/cat.jpg.raw.png").mode.startswith("I")
+    from PIL import ImageFilter
+
+    blurred8 = Image.open(plain / "photos/cat.jpg.raw.png").filter(ImageFilter.GaussianBlur(1.5))
+    assert np.corrcoef((1 - raw16).ravel(), np.asarray(blurred8, dtype=float).ravel())[0, 1] > 0.9
+    assert np.abs(np.diff(1 - raw16, axis=1)).mean() < np.abs(np.diff(raw8, axis=1)).mean()
+    # And the thresholded mask is the inverse of a grown mask: fewer "on" pixels than plain inverted
+    on_edited = np.asarray(Image.open(edited / "photos/cat.jpg.mask.png")) == 255
+    on_plain = np.asarray(Image.open(plain / "photos/cat.jpg.mask.png")) == 255
+    assert on_edited.mean() <= (~on_plain).mean()

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from torchvision import transforms
 
 from worker.engine import MaskEngine
-from worker.errors import DeviceError, ImageTooLargeError, ModelUnavailableError
+from worker.errors import DeviceError, ImageTooLargeError, ImageTooSmallError, ModelUnavailableError
 from worker.spec import MaskSpec
 
 TOLERANCE = 1e-4
@@ -148,6 +148,14 @@ def test_masquerade_refuses_images_over_max_side_naming_the_option(engine):
         engine.check(noise_image(101, 20, 0), spec)
     engine.check(noise_image(100, 20, 0), spec)  # at the bound: accepted
     engine.check(noise_image(4000, 20, 0), MaskSpec.from_text("a cat", max_side=100))  # default: unbounded
+
+
+def test_masquerade_refuses_images_smaller_than_a_patch_and_default_takes_them(engine):
+    tiny_image = noise_image(10, 6, 0)
+    with pytest.raises(ImageTooSmallError, match="--profile default"):
+        engine.check(tiny_image, MaskSpec.from_text("a cat", profile="masquerade"))
+    (result,) = engine.predict([tiny_image], MaskSpec.from_text("a cat"))
+    assert result.raw.shape == (6, 10)
 
 
 def test_missing_model_directory_says_how_to_provide_weights(tmp_path):

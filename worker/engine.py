@@ -76,8 +76,8 @@ class MaskEngine:
         return {"id": self.loaded.model_id, "revision": self.loaded.revision}
 
     def check(self, image: Image.Image, spec: MaskSpec) -> None:
-        """Raise ``ImageTooLargeError`` before any work if ``image`` is over the spec's bounds."""
-        preprocess.check_image(image, spec)
+        """Raise an ``ImageError`` before any work if ``image`` is outside the spec's bounds."""
+        preprocess.check_image(image, spec, self.loaded.model.config.vision_config.patch_size)
 
     def predict(self, images: list[Image.Image], spec: MaskSpec) -> list[MaskResult]:
         """Masks for ``images`` in order; images of one shape class share backbone batches."""

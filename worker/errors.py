@@ -27,3 +27,7 @@ class ImageDecodeError(ImageError, ValueError):
 
 class ImageTooLargeError(ImageError, ValueError):
     """Raised when an image exceeds a size limit; the message names the option that raises it."""
+
+
+class ImageTooSmallError(ImageError, ValueError):
+    """Raised when an image is smaller than the model can see (one patch) in the chosen profile."""

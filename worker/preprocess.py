@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from .errors import ImageTooLargeError
+from .errors import ImageTooLargeError, ImageTooSmallError
 from .spec import MaskSpec
 
 #: The seed node hard-codes ImageNet statistics; so does the ``masquerade`` profile.
@@ -23,9 +23,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _MASQUERADE_NORMALIZE = transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
-def check_image(image: Image.Image, spec: MaskSpec) -> None:
-    """Raise ``ImageTooLargeError`` if ``image`` is over the profile's size bound."""
+def check_image(image: Image.Image, spec: MaskSpec, patch_size: int) -> None:
+    """Raise ``ImageTooLargeError`` or ``ImageTooSmallError`` if outside the profile's bounds."""
     side = max(image.size)
+    if spec.profile == "masquerade" and side < patch_size:
+        raise ImageTooSmallError(
+            f"image side {side}px is below the model's {patch_size}px patch, which the masquerade "
+            "profile cannot mask (it does not upscale); use --profile default"
+        )
     if spec.profile == "masquerade" and side > spec.max_side:
         raise ImageTooLargeError(
             f"image side {side}px is over --max-side {spec.max_side} for the masquerade profile, "
