@@ -79,31 +79,46 @@ class MaskEngine:
         """Raise an ``ImageError`` before any work if ``image`` is outside the spec's bounds."""
         preprocess.check_image(image, spec, self.loaded.model.config.vision_config.patch_size)
 
-    def predict(self, images: list[Image.Image], spec: MaskSpec) -> list[MaskResult]:
-        """Masks for ``images`` in order; images of one shape class share backbone batches."""
+    def prepare(self, image: Image.Image, spec: MaskSpec) -> torch.Tensor:
+        """The (3, S, S) CPU pixel tensor of one image. Thread-safe: loader threads call it so
+        that preprocessing overlaps inference instead of delaying it."""
+        return preprocess.pixel_values([image], spec, self.loaded.processor)[0]
+
+    def predict(self, images: list[Image.Image], spec: MaskSpec,
+                pixels: list[torch.Tensor] | None = None) -> list[MaskResult]:
+        """Masks for ``images`` in order. ``pixels`` are their ``prepare`` tensors, if already
+        made; images whose tensors have one shape share backbone batches."""
+        if pixels is None:
+            return self._prepare_and_predict(images, spec)
         results: list[MaskResult | None] = [None] * len(images)
-        order = sorted(range(len(images)), key=lambda i: preprocess.batch_key(images[i], spec))
-        for _, group in groupby(order, key=lambda i: preprocess.batch_key(images[i], spec)):
+        shape = lambda i: tuple(pixels[i].shape)  # noqa: E731
+        for _, group in groupby(sorted(range(len(images)), key=shape), key=shape):
             group = list(group)
             for start in range(0, len(group), self.batch_size):
                 indices = group[start:start + self.batch_size]
-                batch = self._predict_batch([images[i] for i in indices], spec)
-                for i, result in zip(indices, batch, strict=True):
+                batch = torch.stack([pixels[i] for i in indices])
+                for i, result in zip(indices, self._predict_batch([images[i] for i in indices], batch, spec),
+                                     strict=True):
                     results[i] = result
         return results
 
-    def _predict_batch(self, images: list[Image.Image], spec: MaskSpec) -> list[MaskResult]:
+    def _prepare_and_predict(self, images: list[Image.Image], spec: MaskSpec) -> list[MaskResult]:
         started = time.perf_counter()
         pixels = preprocess.pixel_values(images, spec, self.loaded.processor)
-        prepared = time.perf_counter()
+        prepare_ms = (time.perf_counter() - started) * 1000.0 / max(1, len(images))
+        results = self.predict(images, spec, pixels)
+        for result in results:
+            result.timings_ms["preprocess"] = prepare_ms
+        return results
+
+    def _predict_batch(self, images: list[Image.Image], pixels: torch.Tensor, spec: MaskSpec) -> list[MaskResult]:
+        started = time.perf_counter()
         logits = self._forward(pixels, spec)
-        forwarded = time.perf_counter()
+        share = (time.perf_counter() - started) * 1000.0 / len(images)
         results = [self._postprocess(image, image_logits, spec)
                    for image, image_logits in zip(images, logits, strict=True)]
-        share = 1000.0 / len(images)
         for result in results:
-            result.timings_ms.update(preprocess=(prepared - started) * share,
-                                     inference=(forwarded - prepared) * share)
+            result.timings_ms["inference"] = share
         return results
 
     @torch.inference_mode()
@@ -111,6 +126,8 @@ class MaskEngine:
         """(N, 3, S, S) pixels -> (N, prompts, S', S') logits on the device."""
         images = pixels.shape[0]
         prompts = spec.all_prompts
+        if self.device.type == "cuda":
+            pixels = pixels.pin_memory()  # lets the copy below overlap with the host
         pixels = pixels.to(self.device, self.dtype, non_blocking=True)
         reduced = self.split.reduce(self.split.backbone(pixels))
         conditionals = self.text_embeddings(prompts).repeat(images, 1)

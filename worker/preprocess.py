@@ -39,16 +39,11 @@ def check_image(image: Image.Image, spec: MaskSpec, patch_size: int) -> None:
         )
 
 
-def batch_key(image: Image.Image, spec: MaskSpec) -> int:
-    """Images with equal keys produce pixel tensors of equal shape and can share a batch."""
-    return 0 if spec.profile == "default" else max(image.size)
-
-
-def pixel_values(images: list[Image.Image], spec: MaskSpec, processor) -> torch.Tensor:
-    """Stack the profile's pixel tensors for ``images`` (all with the same ``batch_key``)."""
+def pixel_values(images: list[Image.Image], spec: MaskSpec, processor) -> list[torch.Tensor]:
+    """One (3, S, S) pixel tensor per image, as the profile prepares it."""
     if spec.profile == "default":
-        return processor(images=images, return_tensors="pt")["pixel_values"]
-    return torch.stack([_masquerade_pixels(image) for image in images])
+        return list(processor(images=images, return_tensors="pt")["pixel_values"]) if images else []
+    return [_masquerade_pixels(image) for image in images]
 
 
 def _masquerade_pixels(image: Image.Image) -> torch.Tensor:
