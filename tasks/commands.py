@@ -100,11 +100,17 @@ def _worker_devices(args: argparse.Namespace) -> list[str]:
     """One entry per worker process: ``cuda:N`` per chosen GPU, or the one ``--device``."""
     from worker.devices import count_gpus, validate_device
 
-    if args.device != "auto" or (not args.gpus and not count_gpus()):
+    available = count_gpus()
+    if args.device != "auto" or (not args.gpus and not available):
         return [validate_device(args.device)]
     if not args.gpus or args.gpus == "all":
-        return [f"cuda:{i}" for i in range(count_gpus())]
+        return [f"cuda:{i}" for i in range(available)]
     try:
-        return [f"cuda:{int(i)}" for i in args.gpus.split(",")]
+        indices = [int(i) for i in args.gpus.split(",")]
     except ValueError:
         raise ValueError(f"--gpus must be 'all' or indices like 0,2; got {args.gpus!r}") from None
+    missing = [i for i in indices if not 0 <= i < available]
+    if missing:
+        raise ValueError(f"--gpus {args.gpus}: no GPU {missing} on this machine ({available} visible); "
+                         "leave --gpus out to use every GPU, or --device cpu")
+    return [f"cuda:{i}" for i in indices]

@@ -16,7 +16,7 @@ from celery.utils.log import get_task_logger
 from storage import open_store
 from worker import lifecycle
 from worker.celery_app import app
-from worker.errors import ModelUnavailableError
+from worker.errors import DeviceError, ModelUnavailableError
 from worker.spec import MaskSpec
 
 from .jobs import JobStore
@@ -25,8 +25,10 @@ from .pipeline import Outcome, Pipeline
 
 log = get_task_logger(__name__)
 
-#: Errors after which the whole chunk is retried later rather than its images failed.
-RETRY_ON = (ConnectionError, TimeoutError, redis.ConnectionError, redis.TimeoutError, ModelUnavailableError)
+#: Errors after which the whole chunk is retried later (by any worker) rather than its images
+#: failed: the storage or Redis is away, or this worker cannot set up its model or device.
+RETRY_ON = (ConnectionError, TimeoutError, redis.ConnectionError, redis.TimeoutError, ModelUnavailableError,
+            DeviceError)
 #: Seconds before the first retry; doubles with each retry up to ten minutes.
 RETRY_BACKOFF_S = 5
 

@@ -33,17 +33,19 @@ def run_env(tiny_model):
     return {**os.environ, "CLIPMASK_MODEL": tiny_model, "HF_HUB_OFFLINE": "1"}
 
 
+@pytest.mark.parametrize("profile", ["default", "masquerade"])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_run_writes_masks_that_match_the_seed_semantics(image_dir, tmp_path, run_env, engine, normalize):
+def test_run_writes_masks_that_match_the_seed_semantics(image_dir, tmp_path, run_env, engine, normalize, profile):
     out = tmp_path / "out"
     # When a user masks a folder with the documented command
     args = ["run", str(image_dir), "--out", str(out), "--prompt", "a cat|dog", "--negative", "tree",
-            "--threshold", "0.5", "--device", "cpu", "--quiet"] + (["--normalize"] if normalize else [])
+            "--threshold", "0.5", "--device", "cpu", "--quiet", "--profile", profile]
+    args += ["--normalize"] if normalize else []
     result = clipmask(*args, env=run_env)
     # Then it reports the corrupt image (exit 1) and writes the rest next to their relative paths
     assert result.returncode == 1, result.stderr
     assert "4 succeeded, 1 failed, 0 skipped" in result.stdout
-    spec = MaskSpec.from_text("a cat|dog", "tree", normalize=normalize)
+    spec = MaskSpec.from_text("a cat|dog", "tree", normalize=normalize, profile=profile)
     for key, data in sample_inputs().items():
         if key in ("photos/broken.jpg", "notes.txt"):
             assert not (out / f"{key}.mask.png").exists()

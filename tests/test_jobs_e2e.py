@@ -283,3 +283,9 @@ def test_beat_schedule_comes_from_the_environment(job_env):
     bad = subprocess.run([sys.executable, "-c", code], env={**env, "CLIPMASK_SCHEDULE": "[oops"},
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "CLIPMASK_SCHEDULE must be JSON" in bad.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.device_count() > 0, reason="checks a machine without GPUs")
+def test_worker_refuses_gpus_this_machine_lacks(job_env):
+    result = clipmask("worker", "--gpus", "0", env=job_env, timeout=60)
+    assert result.returncode == 2 and "no GPU [0] on this machine" in result.stderr
