@@ -33,8 +33,9 @@ def submit(args: argparse.Namespace, _extra: list[str]) -> int:
     from .cli import spec_from_args
     from .planning import submit_job
 
-    job_id = submit_job(args.source, args.out, spec_from_args(args), chunk_size=args.chunk_size,
-                        skip_existing=args.skip_existing)
+    with tqdm(unit="img", desc="queued", file=sys.stderr, dynamic_ncols=True) as bar:
+        job_id = submit_job(args.source, args.out, spec_from_args(args), chunk_size=args.chunk_size,
+                            skip_existing=args.skip_existing, on_chunk=bar.update)
     print(f"submitted; follow it with: clipmask status {job_id} --watch", file=sys.stderr)
     print(job_id)
     return 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from itertools import chain, islice
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from storage import ObjectStore, open_store
 from storage.layout import is_output_key
@@ -41,9 +41,11 @@ def chunked(items: Iterable[str], size: int) -> Iterator[list[str]]:
 
 
 def submit_job(source_url: str, dest_url: str, spec: MaskSpec, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-               skip_existing: bool = False, jobs: JobStore | None = None) -> str:
+               skip_existing: bool = False, jobs: JobStore | None = None,
+               on_chunk: Callable[[int], None] | None = None) -> str:
     """Record a job, queue its chunks and return its id.
 
+    ``on_chunk(n)`` is called as each chunk of ``n`` keys is queued (for a progress display).
     Raises ``NoImagesError`` before recording anything if the source has no images, and
     ``ValueError`` for a bad URL or chunk size.
     """
@@ -62,6 +64,8 @@ def submit_job(source_url: str, dest_url: str, spec: MaskSpec, *, chunk_size: in
     for chunk in chain([first], chunks):
         jobs.add_planned(job_id, len(chunk))  # before sending: done never runs ahead of total
         mask_chunk.apply_async(args=(job_id, source.url, dest.url, chunk, spec.to_dict(), skip_existing))
+        if on_chunk:
+            on_chunk(len(chunk))
     jobs.finish_planning(job_id)
     write_job_records(jobs, job_id, dest)  # if every chunk finished before planning did
     log.info("job %s: %s -> %s planned", job_id, source.url, dest.url)
