@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
+from worker.config import env_int
 from worker.errors import ClipmaskError
 from worker.spec import DEFAULT_MAX_SIDE, PROFILES, MaskSpec
 
@@ -31,7 +31,7 @@ def _mask_options() -> argparse.ArgumentParser:
     group.add_argument("--normalize", action="store_true", help="stretch each image's mask to [0, 1] first")
     group.add_argument("--profile", choices=PROFILES, default="default",
                        help="default: fast, 352x352 backbone; masquerade: the seed node's exact recipe")
-    group.add_argument("--max-side", type=int, default=int(os.environ.get("CLIPMASK_MAX_SIDE", DEFAULT_MAX_SIDE)),
+    group.add_argument("--max-side", type=int, default=env_int("CLIPMASK_MAX_SIDE", DEFAULT_MAX_SIDE),
                        help=f"masquerade only: longest image side accepted (default {DEFAULT_MAX_SIDE})")
     group.add_argument("--blur", type=float, default=0.0, help="Gaussian sigma in pixels on the raw mask")
     group.add_argument("--grow", type=int, default=0, help="grow (or, negative, shrink) the mask by N pixels")
@@ -87,7 +87,11 @@ def spec_from_args(args: argparse.Namespace) -> MaskSpec:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except ValueError as err:  # a malformed CLIPMASK_* default
+        print(f"clipmask: error: {err}", file=sys.stderr)
+        return 2
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "worker":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

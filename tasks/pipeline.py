@@ -8,6 +8,7 @@ Every input ends in exactly one ``Outcome``; a bad image fails alone.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,6 +21,7 @@ from PIL import Image
 from storage import ObjectStore, is_transient
 from storage.layout import output_keys
 from worker.codecs import decode_image
+from worker.config import env_int
 from worker.engine import MaskEngine, MaskResult
 from worker.errors import ImageError
 from worker.outputs import encode_masks, encode_metadata, metadata_record, worker_identity
@@ -32,8 +34,9 @@ T = TypeVar("T")
 STORAGE_ATTEMPTS = 4
 #: First back-off delay in seconds; doubles with each attempt.
 STORAGE_BACKOFF_S = 0.5
-#: Threads for reading, decoding, encoding and writing.
-IO_THREADS = 4
+#: Threads for reading, decoding, preprocessing, encoding and writing: enough to hide storage
+#: latency, and one per core so that CPU work keeps up with a GPU (``CLIPMASK_IO_THREADS``).
+IO_THREADS = env_int("CLIPMASK_IO_THREADS", min(16, max(4, os.cpu_count() or 1)))
 
 
 @dataclass

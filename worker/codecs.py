@@ -8,11 +8,11 @@ file becomes an ``ImageDecodeError`` or ``ImageTooLargeError`` for that file alo
 from __future__ import annotations
 
 import io
-import os
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .config import env_int
 from .errors import ImageDecodeError, ImageTooLargeError
 
 #: Largest image accepted, in pixels (W*H), unless ``CLIPMASK_MAX_PIXELS`` says otherwise. A
@@ -27,11 +27,7 @@ Image.MAX_IMAGE_PIXELS = None
 
 def max_pixels() -> int:
     """The decompression-bomb limit in pixels; raises ``ValueError`` naming the bad variable."""
-    raw = os.environ.get("CLIPMASK_MAX_PIXELS", "")
-    try:
-        return int(raw) if raw else DEFAULT_MAX_PIXELS
-    except ValueError:
-        raise ValueError(f"CLIPMASK_MAX_PIXELS must be a whole number of pixels, got {raw!r}") from None
+    return env_int("CLIPMASK_MAX_PIXELS", DEFAULT_MAX_PIXELS)
 
 
 def is_image_key(key: str) -> bool:

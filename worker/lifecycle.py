@@ -14,6 +14,7 @@ import os
 
 from billiard.process import current_process
 
+from .config import env_int
 from .engine import MaskEngine
 
 log = logging.getLogger(__name__)
@@ -33,11 +34,10 @@ def setup() -> MaskEngine:
     """Load this process's engine (model from ``CLIPMASK_MODEL``); idempotent."""
     global _engine
     if _engine is None:
-        batch = os.environ.get("CLIPMASK_BATCH_SIZE")
         _engine = MaskEngine.load(
             device=process_device(),
             precision=os.environ.get("CLIPMASK_PRECISION", "auto"),
-            batch_size=int(batch) if batch else None,
+            batch_size=env_int("CLIPMASK_BATCH_SIZE", 0) or None,
         )
         log.info("pid %d: engine ready on %s", os.getpid(), _engine.device)
     return _engine
