@@ -59,16 +59,20 @@ def mask_chunk(self, job_id: str, source: str, dest: str, keys: list[str], spec:
         if self.request.retries < self.max_retries:
             log.warning("[%s] transient failure, retrying chunk of %d: %s", context, len(keys), err)
             raise self.retry(exc=err, countdown=_retry_delay(self.request.retries))
-        _record_all(jobs, job_id, source_store, keys, counts, "failed", f"gave up after retries: {err}")
+        _give_up(jobs, job_id, source_store, dest_store, keys, counts, f"gave up after retries: {err}")
         raise
     except Exception as err:
-        # A bug must not leave inputs without an outcome, or the job would never finish.
         log.exception("[%s] chunk failed", context)
-        _record_all(jobs, job_id, source_store, keys, counts, "failed", f"{type(err).__name__}: {err}")
-        write_job_records(jobs, job_id, dest_store)
+        _give_up(jobs, job_id, source_store, dest_store, keys, counts, f"{type(err).__name__}: {err}")
         raise
     log.info("[%s] chunk done: %s", context, dict(counts))
     return dict(counts)
+
+
+def _give_up(jobs: JobStore, job_id: str, source, dest, keys: list[str], counts: Counter, reason: str) -> None:
+    """Fail the chunk's inputs that have no outcome: otherwise the job would never finish."""
+    _record_all(jobs, job_id, source, keys, counts, "failed", reason)
+    write_job_records(jobs, job_id, dest)
 
 
 def _record_all(jobs: JobStore, job_id: str, source, keys: list[str], counts: Counter, status: str,

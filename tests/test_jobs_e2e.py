@@ -289,3 +289,29 @@ def test_beat_schedule_comes_from_the_environment(job_env):
 def test_worker_refuses_gpus_this_machine_lacks(job_env):
     result = clipmask("worker", "--gpus", "0", env=job_env, timeout=60)
     assert result.returncode == 2 and "no GPU [0] on this machine" in result.stderr
+
+
+def test_a_malformed_task_fails_its_images_with_the_reason_instead_of_hanging_the_job(
+        bucket_with_inputs, job_env, start_worker):
+    import redis as redis_client
+
+    from tasks.jobs import JobStore, new_job_id
+    from worker.celery_app import app
+
+    bucket = bucket_with_inputs
+    worker = start_worker()
+    app.conf.update(broker_url=job_env["CELERY_BROKER_URL"], result_backend=job_env["CELERY_RESULT_BACKEND"])
+    jobs = JobStore(redis_client.Redis.from_url(job_env["CELERY_RESULT_BACKEND"], decode_responses=True))
+    # Given a job whose only task carries a spec no worker can use (say, from a mismatched client)
+    job_id = new_job_id()
+    jobs.create(job_id, f"s3://{bucket}/in/", f"s3://{bucket}/out/", {}, skip_existing=False)
+    jobs.add_planned(job_id, 2)
+    jobs.finish_planning(job_id)
+    app.send_task("clipmask.mask_chunk", queue=job_env["CLIPMASK_QUEUE"],
+                  args=(job_id, f"s3://{bucket}/in/", f"s3://{bucket}/out/", ["alpha.png", "photos/cat.jpg"],
+                        {"prompts": [], "threshold": 0.5}, False))
+    # Then both images fail with the reason, and the job finishes with its manifest
+    status = wait_for(job_id, job_env, worker=worker)
+    assert (status["failed"], status["succeeded"]) == (2, 0)
+    rows = [json.loads(line) for line in read_object(bucket, f"out/_jobs/{job_id}/manifest.jsonl").splitlines()]
+    assert all("InvalidSpecError: no positive prompt" in row["error"] for row in rows)
