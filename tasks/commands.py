@@ -15,15 +15,17 @@ WATCH_INTERVAL_S = 2.0
 
 
 def run(args: argparse.Namespace, _extra: list[str]) -> int:
+    from worker.devices import validate_device
     from worker.engine import MaskEngine
 
     from .cli import spec_from_args
     from .local import run_local
 
     spec = spec_from_args(args)
-    engine = MaskEngine.load(args.model, args.device, args.precision, args.batch_size)
-    summary = run_local(args.source, args.out, spec, engine, skip_existing=args.skip_existing,
-                        progress=not args.quiet)
+    validate_device(args.device)  # a typo fails before the source is listed
+    summary = run_local(args.source, args.out, spec,
+                        lambda: MaskEngine.load(args.model, args.device, args.precision, args.batch_size),
+                        skip_existing=args.skip_existing, progress=not args.quiet)
     print(f"{summary['succeeded']} succeeded, {summary['failed']} failed, {summary['skipped']} skipped; "
           f"manifest: {summary['manifest']}")
     return 1 if summary["failed"] else 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import Callable
 
 from tqdm import tqdm
 
@@ -16,16 +17,18 @@ from .pipeline import Pipeline
 from .planning import NoImagesError, image_keys
 
 
-def run_local(source_url: str, dest_url: str, spec: MaskSpec, engine: MaskEngine, *,
+def run_local(source_url: str, dest_url: str, spec: MaskSpec, load_engine: Callable[[], MaskEngine], *,
               skip_existing: bool = False, progress: bool = True) -> dict:
     """Mask every image under ``source_url``; returns the summary also written to storage.
 
-    Raises ``NoImagesError`` when the source holds no images.
+    ``load_engine`` is called once the source is known to hold images. Raises ``NoImagesError``
+    when it holds none.
     """
     source, dest = open_store(source_url), open_store(dest_url)
     keys = list(image_keys(source))  # listed up front so that the progress bar has a total
     if not keys:
-        raise NoImagesError(f"no images under {source.url} (extensions: .jpg .png .webp ...)")
+        raise NoImagesError(source)
+    engine = load_engine()
     run_id, created_at = new_job_id(), now_iso()
     counts: Counter = Counter()
     rows = []

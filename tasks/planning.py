@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Iterator
 
 from storage import ObjectStore, open_store
 from storage.layout import is_output_key
-from worker.codecs import is_image_key
+from worker.codecs import IMAGE_EXTENSIONS, is_image_key
 from worker.spec import MaskSpec
 
 from .jobs import JobStore, new_job_id
@@ -27,6 +27,9 @@ DEFAULT_CHUNK_SIZE = 64
 
 class NoImagesError(LookupError):
     """Raised when a source holds no image files (by extension) to mask."""
+
+    def __init__(self, source: ObjectStore):
+        super().__init__(f"no images under {source.url} (extensions: {' '.join(IMAGE_EXTENSIONS)})")
 
 
 def image_keys(source: ObjectStore) -> Iterator[str]:
@@ -57,7 +60,7 @@ def submit_job(source_url: str, dest_url: str, spec: MaskSpec, *, chunk_size: in
     chunks = chunked(image_keys(source), chunk_size)
     first = next(chunks, None)
     if first is None:
-        raise NoImagesError(f"no images under {source.url} (extensions: .jpg .png .webp ...)")
+        raise NoImagesError(source)
     jobs = jobs or JobStore.from_env()
     job_id = new_job_id()
     jobs.create(job_id, source.url, dest.url, spec.to_dict(), skip_existing)
