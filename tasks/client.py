@@ -44,9 +44,11 @@ class JobHandle:
         return self.jobs.status(self.job_id)
 
     def wait(self, timeout: float | None = None, interval: float = 2.0) -> dict:
-        """Block until finished or cancelled; raises ``TimeoutError`` after ``timeout`` seconds."""
+        """Block until the job has ended and its manifest is written; returns the status.
+
+        Raises ``TimeoutError`` after ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while (status := self.status())["state"] not in ("finished", "cancelled"):
+        while not (status := self.status())["manifest"]:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {self.job_id} still {status['state']} after {timeout}s")
             time.sleep(interval)

@@ -56,6 +56,8 @@ def status(args: argparse.Namespace, _extra: list[str]) -> int:
         print(f"job {report['job_id']}: {report['state']}, {report['done']}/{report['total']} done "
               f"({report['succeeded']} succeeded, {report['failed']} failed, {report['skipped']} skipped)"
               f"{'' if report['planned'] else ', still planning'}")
+        if report["manifest"]:
+            print(f"manifest: {report['manifest']}")
     return 0
 
 
@@ -66,7 +68,7 @@ def _watch(jobs, job_id: str) -> None:
             bar.total = report["total"]
             bar.update(report["done"] - bar.n)
             bar.set_postfix(succeeded=report["succeeded"], failed=report["failed"], refresh=True)
-            if report["state"] in ("finished", "cancelled"):
+            if report["state"] in ("finished", "cancelled") and report["manifest"]:
                 return
             time.sleep(WATCH_INTERVAL_S)
             report = jobs.status(job_id)

@@ -1,7 +1,8 @@
 """Job records in Redis: plan, progress and outcomes.
 
 Keys (``{id}`` is the job id):
-- ``clipmask:job:{id}``           hash: source, dest, spec, created_at, total, planned, cancelled
+- ``clipmask:job:{id}``           hash: source, dest, spec, created_at, total, planned, cancelled,
+                                  then finished_at and manifest (URL, once the records are written)
 - ``clipmask:job:{id}:outcomes``  hash: input key -> manifest row (JSON)
 - ``clipmask:job:{id}:succeeded`` / ``:failed`` / ``:skipped``  sets of input keys
 
@@ -120,7 +121,7 @@ class JobStore:
             "job_id": job_id, "state": _state(data, done), "total": total, **counts, "done": done,
             "planned": data["planned"] == "1", "source": data["source"], "dest": data["dest"],
             "spec": json.loads(data["spec"]), "created_at": data["created_at"],
-            "finished_at": data.get("finished_at"),
+            "finished_at": data.get("finished_at"), "manifest": data.get("manifest"),
         }
 
     def mark_finished(self, job_id: str) -> None:
@@ -128,6 +129,10 @@ class JobStore:
         self.redis.hsetnx(self._key(job_id), "finished_at", now_iso())
         for part in ("", "outcomes", *STATUSES):
             self.redis.expire(self._key(job_id, part), FINISHED_TTL_S)
+
+    def set_manifest(self, job_id: str, url: str) -> None:
+        """Record where the manifest was written: its presence means the job's records exist."""
+        self.redis.hset(self._key(job_id), "manifest", url)
 
     def outcomes(self, job_id: str) -> Iterator[tuple[str, dict]]:
         """(input key, manifest row) pairs, streamed with HSCAN."""

@@ -43,4 +43,6 @@ def write_job_records(jobs: JobStore, job_id: str, dest: ObjectStore) -> dict | 
         return None
     rows = [row for _, row in jobs.outcomes(job_id)]
     jobs.mark_finished(job_id)
-    return write_records(dest, job_id, rows, jobs.status(job_id))
+    record = write_records(dest, job_id, rows, jobs.status(job_id))
+    jobs.set_manifest(job_id, record["manifest"])
+    return record

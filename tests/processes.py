@@ -71,11 +71,11 @@ def job_status(job_id: str, env: dict) -> dict:
 
 def wait_for(job_id: str, env: dict, done: int | None = None, timeout: float = 240,
              worker: Worker | None = None) -> dict:
-    """Poll ``clipmask status --json`` until finished (or ``done`` outcomes); fail with the log."""
+    """Poll ``clipmask status --json`` until the job's records are written (or ``done`` outcomes)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = job_status(job_id, env)
-        if status["state"] == "finished" or (done is not None and status["done"] >= done):
+        if status["manifest"] or (done is not None and status["done"] >= done):
             return status
         time.sleep(0.5)
     raise AssertionError(f"job {job_id} not done after {timeout}s: {status}\n" + (worker.log() if worker else ""))

@@ -94,6 +94,7 @@ def test_job_masks_every_image_and_reports_the_corrupt_one(bucket_with_inputs, j
     # Then every input has an outcome: the corrupt image failed, the others succeeded
     assert status["state"] == "finished"
     assert (status["total"], status["succeeded"], status["failed"], status["skipped"]) == (5, 4, 1, 0)
+    assert status["manifest"] == f"s3://{bucket}/out/_jobs/{job_id}/manifest.jsonl"
 
     manifest = [json.loads(line) for line in read_object(bucket, f"out/_jobs/{job_id}/manifest.jsonl").splitlines()]
     by_source = {row["source"]: row for row in manifest}
@@ -238,9 +239,7 @@ def test_a_cancelled_job_skips_what_was_still_queued(bucket_with_inputs, job_env
     assert result.returncode == 0, result.stderr
     worker = start_worker()
     # Then every input is recorded as skipped, nothing is masked, and the job says cancelled
-    deadline = time.monotonic() + 120
-    while (status := job_status(job_id, job_env))["done"] < 5 and time.monotonic() < deadline:
-        time.sleep(0.5)
+    status = wait_for(job_id, job_env, worker=worker)
     assert (status["state"], status["skipped"], status["succeeded"]) == ("cancelled", 5, 0), worker.log()
     rows = [json.loads(line) for line in read_object(bucket, f"out/_jobs/{job_id}/manifest.jsonl").splitlines()]
     assert {row["error"] for row in rows} == {"job cancelled"}
@@ -315,3 +314,19 @@ def test_a_malformed_task_fails_its_images_with_the_reason_instead_of_hanging_th
     assert (status["failed"], status["succeeded"]) == (2, 0)
     rows = [json.loads(line) for line in read_object(bucket, f"out/_jobs/{job_id}/manifest.jsonl").splitlines()]
     assert all("InvalidSpecError: no positive prompt" in row["error"] for row in rows)
+
+
+def test_client_job_handle_waits_for_the_manifest(bucket_with_inputs, job_env, start_worker, monkeypatch):
+    bucket = bucket_with_inputs
+    worker = start_worker()
+    for name, value in job_env.items():
+        monkeypatch.setenv(name, value)
+    from tasks.client import submit_job_handle
+    from worker.celery_app import app
+
+    app.conf.update(broker_url=job_env["CELERY_BROKER_URL"], result_backend=job_env["CELERY_RESULT_BACKEND"],
+                    task_default_queue=job_env["CLIPMASK_QUEUE"])
+    job = submit_job_handle(f"s3://{bucket}/in/", f"s3://{bucket}/client/", prompt="dog", chunk_size=2)
+    status = job.wait(timeout=120, interval=0.2)
+    assert (status["state"], status["succeeded"], status["failed"]) == ("finished", 4, 1), worker.log()
+    assert read_object(bucket, f"client/_jobs/{job.job_id}/manifest.jsonl").count(b"\n") == 5
