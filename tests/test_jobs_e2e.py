@@ -73,6 +73,22 @@ def start_worker(job_env, tmp_path):
         worker.stop_quietly()
 
 
+@pytest.fixture
+def backend_app(job_env, monkeypatch):
+    """This process as a web backend would be: the environment of ``job_env`` and the Celery app
+    configured from it (restored afterwards)."""
+    from worker.celery_app import app
+
+    for name, value in job_env.items():
+        monkeypatch.setenv(name, value)
+    settings = {"broker_url": job_env["CELERY_BROKER_URL"], "result_backend": job_env["CELERY_RESULT_BACKEND"],
+                "task_default_queue": job_env["CLIPMASK_QUEUE"]}
+    saved = {name: app.conf[name] for name in settings}
+    app.conf.update(settings)
+    yield app
+    app.conf.update(saved)
+
+
 def read_object(bucket: str, key: str) -> bytes:
     return boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
 
@@ -180,17 +196,12 @@ def test_status_of_an_unknown_job_names_the_problem(job_env):
 
 
 def test_backend_offload_of_one_image_returns_its_mask_keys_and_metadata(
-        bucket_with_inputs, job_env, start_worker, monkeypatch):
+        bucket_with_inputs, start_worker, backend_app):
+    from tasks.client import mask_image
+
     bucket = bucket_with_inputs
     # Given a worker, and a backend process configured from the same environment
     worker = start_worker()
-    for name, value in job_env.items():
-        monkeypatch.setenv(name, value)
-    from tasks.client import mask_image
-    from worker.celery_app import app
-
-    app.conf.update(broker_url=job_env["CELERY_BROKER_URL"], result_backend=job_env["CELERY_RESULT_BACKEND"],
-                    task_default_queue=job_env["CLIPMASK_QUEUE"])
     # When it offloads one uploaded image and waits for the answer
     result = mask_image(f"s3://{bucket}/in/", "photos/cat.jpg", f"s3://{bucket}/offload/", prompt="a cat")
     row = result.get(timeout=120)
@@ -248,12 +259,10 @@ def test_a_cancelled_job_skips_what_was_still_queued(bucket_with_inputs, job_env
     assert watch.returncode == 0 and "cancelled" in watch.stdout
 
 
-def test_scheduled_scan_masks_only_new_images(bucket_with_inputs, job_env, start_worker, monkeypatch):
+def test_scheduled_scan_masks_only_new_images(bucket_with_inputs, job_env, start_worker, backend_app):
+    app = backend_app
     bucket = bucket_with_inputs
     worker = start_worker()
-    from worker.celery_app import app
-
-    app.conf.update(broker_url=job_env["CELERY_BROKER_URL"], result_backend=job_env["CELERY_RESULT_BACKEND"])
     scan = {"source": f"s3://{bucket}/in/", "dest": f"s3://{bucket}/out/", "prompt": "dog"}
     queue = job_env["CLIPMASK_QUEUE"]
     # Given a first scheduled scan over the prefix
@@ -291,16 +300,13 @@ def test_worker_refuses_gpus_this_machine_lacks(job_env):
 
 
 def test_a_malformed_task_fails_its_images_with_the_reason_instead_of_hanging_the_job(
-        bucket_with_inputs, job_env, start_worker):
-    import redis as redis_client
-
+        bucket_with_inputs, job_env, start_worker, backend_app):
     from tasks.jobs import JobStore, new_job_id
-    from worker.celery_app import app
 
+    app = backend_app
     bucket = bucket_with_inputs
     worker = start_worker()
-    app.conf.update(broker_url=job_env["CELERY_BROKER_URL"], result_backend=job_env["CELERY_RESULT_BACKEND"])
-    jobs = JobStore(redis_client.Redis.from_url(job_env["CELERY_RESULT_BACKEND"], decode_responses=True))
+    jobs = JobStore.from_env()
     # Given a job whose only task carries a spec no worker can use (say, from a mismatched client)
     job_id = new_job_id()
     jobs.create(job_id, f"s3://{bucket}/in/", f"s3://{bucket}/out/", {}, skip_existing=False)
@@ -316,16 +322,11 @@ def test_a_malformed_task_fails_its_images_with_the_reason_instead_of_hanging_th
     assert all("InvalidSpecError: no positive prompt" in row["error"] for row in rows)
 
 
-def test_client_job_handle_waits_for_the_manifest(bucket_with_inputs, job_env, start_worker, monkeypatch):
+def test_client_job_handle_waits_for_the_manifest(bucket_with_inputs, start_worker, backend_app):
+    from tasks.client import submit_job_handle
+
     bucket = bucket_with_inputs
     worker = start_worker()
-    for name, value in job_env.items():
-        monkeypatch.setenv(name, value)
-    from tasks.client import submit_job_handle
-    from worker.celery_app import app
-
-    app.conf.update(broker_url=job_env["CELERY_BROKER_URL"], result_backend=job_env["CELERY_RESULT_BACKEND"],
-                    task_default_queue=job_env["CLIPMASK_QUEUE"])
     job = submit_job_handle(f"s3://{bucket}/in/", f"s3://{bucket}/client/", prompt="dog", chunk_size=2)
     status = job.wait(timeout=120, interval=0.2)
     assert (status["state"], status["succeeded"], status["failed"]) == ("finished", 4, 1), worker.log()
