@@ -8,13 +8,7 @@ clipmask's own knobs, ``CLIPMASK_*``.
 import json
 import os
 
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "")
-    try:
-        return int(raw) if raw else default
-    except ValueError:
-        raise ValueError(f"{name} must be a whole number, got {raw!r}") from None
+from worker.config import env_int
 
 
 def _env_json(name: str, default):
@@ -38,7 +32,7 @@ result_accept_content = ["json"]
 
 #: Hard limit for one task (a chunk of images), in seconds. The soft limit comes a tenth earlier
 #: (at most a minute): the task then records its unfinished images as failed instead of vanishing.
-task_time_limit = _env_int("CLIPMASK_TASK_TIME_LIMIT", 3600)
+task_time_limit = env_int("CLIPMASK_TASK_TIME_LIMIT", 3600)
 task_soft_time_limit = max(1, task_time_limit - min(60, task_time_limit // 10))
 
 # At-least-once delivery: a task is acknowledged after it ran, so a killed worker's chunk goes
@@ -51,17 +45,17 @@ worker_cancel_long_running_tasks_on_connection_loss = True
 #: Seconds before Redis redelivers an unacknowledged task. Must exceed the longest task, or a
 #: slow chunk would be run twice in parallel.
 broker_transport_options = {
-    "visibility_timeout": _env_int("CLIPMASK_VISIBILITY_TIMEOUT", 2 * task_time_limit),
+    "visibility_timeout": env_int("CLIPMASK_VISIBILITY_TIMEOUT", 2 * task_time_limit),
     # How often a worker looks for tasks whose worker died (unacknowledged past the timeout):
     # every interval * throttle seconds. Kombu's defaults, adjustable for small timeouts.
-    "unacked_restore_interval": _env_int("CLIPMASK_RESTORE_INTERVAL", 10),
-    "unacked_restore_throttle": _env_int("CLIPMASK_RESTORE_THROTTLE", 10),
+    "unacked_restore_interval": env_int("CLIPMASK_RESTORE_INTERVAL", 10),
+    "unacked_restore_throttle": env_int("CLIPMASK_RESTORE_THROTTLE", 10),
 }
 result_backend_transport_options = {"retry_policy": {"timeout": 5.0}}
 broker_connection_retry_on_startup = True
 
 #: Results are small and only needed by whoever waits for them: gone after a day.
-result_expires = _env_int("CLIPMASK_RESULT_EXPIRES", 24 * 3600)
+result_expires = env_int("CLIPMASK_RESULT_EXPIRES", 24 * 3600)
 task_track_started = True
 
 task_default_queue = os.environ.get("CLIPMASK_QUEUE", "clipmask")

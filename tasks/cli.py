@@ -14,6 +14,8 @@ from worker.config import env_int
 from worker.errors import ClipmaskError
 from worker.spec import DEFAULT_MAX_SIDE, PROFILES, MaskSpec
 
+from .planning import DEFAULT_CHUNK_SIZE
+
 EPILOG = """configuration (environment):
   CELERY_BROKER_URL, CELERY_RESULT_BACKEND   Redis URLs for queue and results
   CLIPMASK_MODEL                             HF model id or local directory (default CIDAS/clipseg-rd64-refined)
@@ -64,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("source", metavar="SRC", help="s3://bucket/prefix or a local folder of images")
         sub.add_argument("--out", required=True, metavar="DST", help="s3://bucket/prefix or a local folder")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
-    submit.add_argument("--chunk-size", type=int, default=64, help="images per task (default 64)")
+    submit.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
+                        help=f"images per task (default {DEFAULT_CHUNK_SIZE})")
     status = commands.add_parser("status", help="progress of a job")
     status.add_argument("job_id", metavar="JOB")
     status.add_argument("--json", action="store_true", help="print one JSON object")

@@ -18,7 +18,7 @@ from celery.result import AsyncResult
 from worker.spec import MaskSpec
 
 from .jobs import JobStore
-from .planning import submit_job
+from .planning import DEFAULT_CHUNK_SIZE, submit_job
 
 
 def mask_image(source: str, key: str, dest: str, prompt: str, negative: str | None = None,
@@ -56,7 +56,7 @@ class JobHandle:
 
 
 def submit_job_handle(source: str, dest: str, prompt: str, negative: str | None = None, *,
-                      chunk_size: int = 64, skip_existing: bool = False, **options) -> JobHandle:
+                      chunk_size: int = DEFAULT_CHUNK_SIZE, skip_existing: bool = False, **options) -> JobHandle:
     """Plan and queue a job like ``clipmask submit``; returns its handle."""
     jobs = JobStore.from_env()
     spec = MaskSpec.from_text(prompt, negative, **options)

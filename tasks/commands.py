@@ -68,7 +68,7 @@ def _watch(jobs, job_id: str) -> None:
             bar.total = report["total"]
             bar.update(report["done"] - bar.n)
             bar.set_postfix(succeeded=report["succeeded"], failed=report["failed"], refresh=True)
-            if report["state"] in ("finished", "cancelled") and report["manifest"]:
+            if report["manifest"]:  # written once the job has ended
                 return
             time.sleep(WATCH_INTERVAL_S)
             report = jobs.status(job_id)

@@ -52,7 +52,7 @@ def check_model_available(ref: str) -> None:
     try:
         CLIPSegConfig.from_pretrained(str(local) if local.is_dir() else ref)
     except (OSError, ValueError) as err:
-        raise ModelUnavailableError(f"cannot find CLIPSeg model {ref!r}: {str(err).rstrip('.')}. " + _how_to()) from err
+        raise _unavailable("find", ref, err) from err
 
 
 def load_model(ref: str, device: torch.device, dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -67,7 +67,7 @@ def load_model(ref: str, device: torch.device, dtype: torch.dtype = torch.float3
         processor = CLIPSegProcessor.from_pretrained(source)
         model = CLIPSegForImageSegmentation.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError) as err:
-        raise ModelUnavailableError(f"cannot load CLIPSeg model {ref!r}: {str(err).rstrip('.')}. " + _how_to()) from err
+        raise _unavailable("load", ref, err) from err
     model = model.to(device).eval()
     model.requires_grad_(False)
     log.info("loaded model %s on %s (%s)", ref, device, dtype)
@@ -76,6 +76,10 @@ def load_model(ref: str, device: torch.device, dtype: torch.dtype = torch.float3
 
 def _looks_like_path(ref: str) -> bool:
     return ref.startswith((".", "/", "~")) or ref.count("/") > 1
+
+
+def _unavailable(verb: str, ref: str, err: Exception) -> ModelUnavailableError:
+    return ModelUnavailableError(f"cannot {verb} CLIPSeg model {ref!r}: {str(err).rstrip('.')}. " + _how_to())
 
 
 def _how_to() -> str:
