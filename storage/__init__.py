@@ -3,6 +3,8 @@
 >>> store = open_store("s3://bucket/some/prefix")   # or "/dir", "rel/dir", "file:///dir"
 >>> store.write_bytes("a/b.jpg", data)
 >>> store.read_bytes("a/b.jpg")
+>>> store.write_stream("big.jsonl", lines)       # an iterable of bytes, flat memory
+>>> for key in store.list("a/", start_after="a/b.jpg"): ...
 
 Errors are Python's own: FileNotFoundError, PermissionError, ConnectionError
 (transient, see :func:`is_transient`), ValueError for bad keys or URLs, and
@@ -30,7 +32,8 @@ __all__ = [
 def open_store(url: str | os.PathLike[str], **options: Any) -> ObjectStore:
     """Return the store rooted at ``url`` (see :func:`parse_url` for the forms).
 
-    ``options`` go to the backend (S3Store: ``max_attempts``). Raises
+    ``options`` go to the backend (S3Store: ``max_attempts``, ``part_size``;
+    LocalStore: ``spill_names``). Raises
     ValueError for an unsupported or malformed URL, TypeError for an unknown
     option. Opening does no I/O, so a missing bucket or directory is only
     noticed when used.

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
-__all__ = ["ObjectStore", "check_data", "check_key", "check_prefix"]
+__all__ = [
+    "ObjectStore", "check_chunks", "check_data", "check_key", "check_prefix", "check_start_after",
+]
 
 
 def check_key(key: str) -> str:
@@ -49,6 +51,19 @@ def check_prefix(prefix: str) -> str:
     return prefix
 
 
+def check_start_after(start_after: str | None) -> str:
+    """Return ``start_after`` as a str ("" for None: no lower bound).
+
+    Any string is a valid bound (it need not name an existing key). Raises
+    TypeError if it is neither a str nor None.
+    """
+    if start_after is None:
+        return ""
+    if not isinstance(start_after, str):
+        raise TypeError(f"start_after must be a str or None, not {type(start_after).__name__}")
+    return start_after
+
+
 class ObjectStore(abc.ABC):
     """A flat store of byte objects addressed by relative posix keys ("a/b.jpg").
 
@@ -71,12 +86,29 @@ class ObjectStore(abc.ABC):
         """Create or replace ``key`` with ``data``; TypeError if data is not bytes-like."""
 
     @abc.abstractmethod
+    def write_stream(self, key: str, chunks: Iterable[bytes], content_type: str | None = None) -> int:
+        """Create or replace ``key`` from byte chunks with flat memory; return the bytes written.
+
+        The object appears only once the iterable is exhausted: if it (or the
+        write) raises, no new object is left and an old one is untouched.
+        Raises TypeError for a chunk that is not bytes-like (or a bare bytes
+        object instead of an iterable of them); exceptions of the iterable
+        itself propagate unchanged.
+        """
+
+    @abc.abstractmethod
     def exists(self, key: str) -> bool:
         """Return True if the object ``key`` exists (directories do not count)."""
 
     @abc.abstractmethod
-    def list(self, prefix: str = "") -> Iterator[str]:
-        """Yield keys starting with ``prefix``, recursively, in sorted order."""
+    def list(self, prefix: str = "", start_after: str | None = None) -> Iterator[str]:
+        """Yield keys starting with ``prefix``, recursively, in sorted order.
+
+        With ``start_after``, only keys strictly greater than it (resume a
+        listing after the last key seen). The order is S3's: keys compared as
+        strings, so "a-b" comes before "a/c". Raises ValueError for a bad
+        prefix and TypeError for a non-str ``start_after``, at call time.
+        """
 
     @abc.abstractmethod
     def url_for(self, key: str) -> str:
@@ -93,3 +125,16 @@ def check_data(data: object) -> bytes:
     if isinstance(data, memoryview):
         return data.tobytes()
     raise TypeError(f"data must be bytes-like, not {type(data).__name__}")
+
+
+def check_chunks(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Return an iterator over ``chunks`` that checks each one with :func:`check_data`.
+
+    Raises TypeError at once if ``chunks`` is itself bytes-like or a str (a
+    whole payload, not an iterable of chunks), and for each bad chunk when
+    it is reached.
+    """
+    if isinstance(chunks, (bytes, bytearray, memoryview, str)):
+        raise TypeError(f"chunks must be an iterable of bytes, not {type(chunks).__name__}; "
+                        "use write_bytes for a whole payload")
+    return (check_data(chunk) for chunk in chunks)

@@ -4,7 +4,10 @@ Backends raise Python's own exceptions so callers need not know boto:
 
 - missing key or bucket           -> FileNotFoundError
 - access denied, bad credentials  -> PermissionError
-- network trouble, throttling, 5xx -> ConnectionError (transient: retry it)
+- network trouble, throttling, 5xx -> ConnectionError (transient: retry it), including a
+  response body cut off mid-stream (botocore's ResponseStreamingError,
+  IncompleteReadError, ReadTimeoutError, or urllib3's ProtocolError and
+  other urllib3 HTTPErrors that escape botocore)
 - anything else from botocore     -> StorageError (an OSError)
 
 The original exception is always kept as ``__cause__``.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import errno
 
 from botocore import exceptions as boto_errors
+from urllib3 import exceptions as urllib3_errors
 
 __all__ = ["StorageError", "is_transient", "translate_s3_error"]
 
@@ -31,7 +35,9 @@ _TRANSIENT_CODES = frozenset({
 _TRANSIENT_BOTO_ERRORS = (
     boto_errors.ConnectionError,  # EndpointConnectionError, ConnectTimeoutError
     boto_errors.HTTPClientError,  # ConnectionClosedError, ReadTimeoutError, ...
+    boto_errors.ResponseStreamingError,  # a body read cut off (an HTTPClientError too)
     boto_errors.IncompleteReadError,
+    urllib3_errors.HTTPError,  # ProtocolError ("Connection broken"), urllib3's ReadTimeoutError, ...
 )
 
 
@@ -45,7 +51,7 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def translate_s3_error(err: Exception, url: str) -> OSError:
-    """Return the Python exception that stands for botocore error ``err`` on ``url``.
+    """Return the Python exception that stands for botocore (or urllib3) error ``err`` on ``url``.
 
     The caller raises it with ``raise translate_s3_error(err, url) from err``.
     Raises nothing itself.

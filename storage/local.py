@@ -3,31 +3,63 @@
 Writes are atomic: data goes to a temporary file in the destination
 directory which is then renamed over the key with ``os.replace``, so readers
 see the old or the new content, never a partial file. (Not fsync'ed: atomic,
-not durable across power loss.) Symlinked directories are not followed when
-listing.
+not durable across power loss.) ``write_stream`` does the same with data
+arriving in chunks, so its memory stays flat.
+
+Listing walks one directory at a time in S3's key order (a directory sorts
+as "name/", so "a-b" comes before "a/c"). Sorted order needs all of one
+directory's names before its first key is yielded, so while a directory is
+listed its names are held in memory as plain strings: about 60 bytes plus
+the name's length each (71 bytes for "img_000001.jpg", 70 MB for a million
+such files). Only the directories on the path being walked are held at
+once, so a tree of nested folders costs what its largest folder costs.
+A directory of more than ``spill_names`` names (SPILL_NAMES, 200,000) is
+sorted in runs of that many, spilled to anonymous temporary files in
+``tempfile``'s directory (the name's length plus one byte each) and merged:
+about 15 MB while it is read, then about 80 KB per run, whatever its size.
+Names are filtered by the listing's prefix and ``start_after`` as they are
+read, and a subdirectory that sorts entirely before ``start_after`` is
+skipped without being opened, so resuming a listing after key K reads only
+the directories on K's path and those after it. Symlinked directories are
+not followed; temporary files are not listed.
 """
 
 from __future__ import annotations
 
+import heapq
 import os
+import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import IO
 
-from storage.base import ObjectStore, check_data, check_key, check_prefix
+from storage.base import (
+    ObjectStore, check_chunks, check_data, check_key, check_prefix, check_start_after,
+)
 
-__all__ = ["LocalStore"]
+__all__ = ["SPILL_NAMES", "LocalStore"]
 
 _TEMP_PREFIX = ".clipmask-tmp-"
+#: Names of one directory held in memory before they are sorted and spilled to a temp file.
+SPILL_NAMES = 200_000
+_RUN_READ_SIZE = 1 << 14
 
 
 class LocalStore(ObjectStore):
-    """Objects stored as files under the directory ``root``."""
+    """Objects stored as files under the directory ``root``.
 
-    def __init__(self, root: str) -> None:
-        """Raises ValueError if ``root`` is not an absolute path."""
+    ``spill_names`` is how many names of one directory a listing sorts in
+    memory before spilling them to a temporary file (see the module doc).
+    """
+
+    def __init__(self, root: str, *, spill_names: int = SPILL_NAMES) -> None:
+        """Raises ValueError if ``root`` is not an absolute path or spill_names < 1."""
         if not os.path.isabs(root):
             raise ValueError(f"LocalStore root must be an absolute path, got {root!r}")
+        if spill_names < 1:
+            raise ValueError(f"spill_names must be at least 1, got {spill_names}")
         self._root = os.path.normpath(root)
+        self._spill_names = spill_names
 
     @property
     def url(self) -> str:
@@ -60,36 +92,157 @@ class LocalStore(ObjectStore):
         path = self.url_for(key)
         data = check_data(data)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        _write_atomic(path, data)
+        _write_atomic(path, (data,))
+
+    def write_stream(self, key: str, chunks: Iterable[bytes], content_type: str | None = None) -> int:
+        """Atomically create or replace ``key`` from ``chunks``; return the bytes written.
+
+        Chunks go to a temporary file beside the target, renamed over it at
+        the end; on any exception the temporary file is removed and an old
+        file is left as it was. ``content_type`` is ignored. Raises TypeError
+        for a chunk that is not bytes-like; OSError from the filesystem (as
+        write_bytes); the iterable's own exceptions unchanged.
+        """
+        path = self.url_for(key)
+        chunks = check_chunks(chunks)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return _write_atomic(path, chunks)
 
     def exists(self, key: str) -> bool:
         """Return True if ``key`` is an existing file; ValueError for a bad key."""
         return os.path.isfile(self.url_for(key))
 
-    def list(self, prefix: str = "") -> Iterator[str]:
+    def list(self, prefix: str = "", start_after: str | None = None) -> Iterator[str]:
         """Yield keys starting with ``prefix`` (a plain string prefix, as on S3).
 
-        Keys come in sorted order, walking one directory at a time. A missing
-        root or prefix yields nothing. Raises ValueError for a bad prefix,
-        PermissionError for an unreadable directory.
+        Keys come in sorted order, walking one directory at a time; with
+        ``start_after`` only keys greater than it, skipping the directories
+        before it unread. A missing root or prefix yields nothing. Raises
+        ValueError for a bad prefix and TypeError for a non-str start_after
+        (at call time); while iterating, PermissionError for an unreadable
+        directory and OSError if a temporary file for a huge directory fails.
         """
         check_prefix(prefix)
+        after = check_start_after(start_after)
         head, _, tail = prefix.rpartition("/")
-        start = os.path.join(self._root, head) if head else self._root
-        return _walk(start, head + "/" if head else "", tail)
+        base = head + "/" if head else ""
+        return self._list(base, tail, after)
+
+    def _list(self, base: str, tail: str, after: str) -> Iterator[str]:
+        """Yield keys under the folder ``base`` whose name there starts with ``tail``, > ``after``."""
+        if after.startswith(base):
+            yield from self._walk(base, tail, after[len(base):])
+        elif after < base:
+            yield from self._walk(base, tail, "")
+
+    def _walk(self, base: str, tail: str, after: str) -> Iterator[str]:
+        """Yield ``base + relative path`` of the files under folder ``base`` in key order.
+
+        Only names starting with ``tail`` and sorting after ``after`` (relative
+        to ``base``) are listed; a subdirectory "d/" is entered only if its
+        keys can be greater than ``after``.
+        """
+        directory = os.path.join(self._root, base)
+        for name in self._sorted_names(directory, _NameFilter(tail, after)):
+            if name.endswith("/"):
+                yield from self._walk(base + name, "", after[len(name):] if after.startswith(name) else "")
+            else:
+                yield base + name
+
+    def _sorted_names(self, directory: str, keep: _NameFilter) -> Iterator[str]:
+        """Return the kept sort names of ``directory`` in order (nothing if it is missing).
+
+        Merges the runs spilled to temporary files with the names left in memory.
+        """
+        try:
+            runs, names = self._scan(directory, keep)
+        except (FileNotFoundError, NotADirectoryError):
+            return iter(())
+        names.sort()
+        return heapq.merge(*map(_read_run, runs), names) if runs else iter(names)
+
+    def _scan(self, directory: str, keep: _NameFilter) -> tuple[list[IO[bytes]], list[str]]:
+        """Read the sort names of ``directory`` that ``keep`` accepts.
+
+        Returns the sorted runs of ``spill_names`` names spilled to temporary
+        files, and the names that did not fill a run. A directory's name ends
+        with "/"; files are regular files (or links to them); temporary files
+        and anything else are left out.
+        """
+        runs: list[IO[bytes]] = []
+        names: list[str] = []
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                name = _sort_name(entry)
+                if name is not None and keep(name):
+                    names.append(name)
+                    if len(names) >= self._spill_names:
+                        runs.append(_spill(names))
+                        names = []
+        return runs, names
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to a temp file next to ``path``, then rename it over ``path``."""
+class _NameFilter:
+    """Whether a sort name in a directory is listed, given the prefix ``tail`` and ``after``."""
+
+    __slots__ = ("tail", "after")
+
+    def __init__(self, tail: str, after: str) -> None:
+        self.tail, self.after = tail, after
+
+    def __call__(self, name: str) -> bool:
+        """True if ``name`` starts with tail and it or (for "d/") keys below it sort after ``after``."""
+        if not name.startswith(self.tail):
+            return False
+        return name > self.after or (name.endswith("/") and self.after.startswith(name))
+
+
+def _sort_name(entry: os.DirEntry) -> str | None:
+    """Return the sort name of ``entry``: "name/" for a directory, "name" for a file, else None.
+
+    Uses the type cached by scandir (d_type); only symlinks cost a stat.
+    """
+    if entry.name.startswith(_TEMP_PREFIX):
+        return None
+    if entry.is_dir(follow_symlinks=False):
+        return entry.name + "/"
+    return entry.name if entry.is_file() else None
+
+
+def _spill(names: list[str]) -> IO[bytes]:
+    """Sort ``names`` into an anonymous temporary file (NUL-terminated), rewound for reading."""
+    names.sort()
+    run = tempfile.TemporaryFile()
+    run.writelines(os.fsencode(name) + b"\0" for name in names)
+    run.seek(0)
+    return run
+
+
+def _read_run(run: IO[bytes]) -> Iterator[str]:
+    """Yield the names of a spilled run in order, closing (and so deleting) it at the end."""
+    with run:
+        rest = b""
+        while block := run.read(_RUN_READ_SIZE):
+            *names, rest = (rest + block).split(b"\0")
+            yield from map(os.fsdecode, names)
+
+
+def _write_atomic(path: str, chunks: Iterable[bytes]) -> int:
+    """Write ``chunks`` to a temp file next to ``path``, then rename it over ``path``.
+
+    Returns the bytes written. On any exception the temp file is removed and
+    the exception re-raised; ``path`` is untouched.
+    """
     tmp = os.path.join(os.path.dirname(path), _TEMP_PREFIX + uuid.uuid4().hex)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            size = sum(f.write(chunk) for chunk in chunks)
         os.replace(tmp, path)
     except BaseException:
         _remove_quietly(tmp)
         raise
+    return size
 
 
 def _remove_quietly(path: str) -> None:
@@ -98,33 +251,3 @@ def _remove_quietly(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
-
-
-def _walk(directory: str, base: str, name_prefix: str = "") -> Iterator[str]:
-    """Yield ``base + relative path`` of files under ``directory`` in key order."""
-    for entry in _sorted_entries(directory):
-        if not entry.name.startswith(name_prefix) or entry.name.startswith(_TEMP_PREFIX):
-            continue
-        if entry.is_dir(follow_symlinks=False):
-            yield from _walk(entry.path, base + entry.name + "/")
-        elif entry.is_file():
-            yield base + entry.name
-
-
-def _sorted_entries(directory: str) -> list[os.DirEntry]:
-    """Return the entries of ``directory`` in key order ([] if it is missing).
-
-    A directory sorts as "name/" so that the keys below it fall where S3's
-    lexicographic order puts them (e.g. "a-b" before "a/c").
-    """
-    try:
-        with os.scandir(directory) as it:
-            entries = list(it)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    return sorted(entries, key=_sort_key)
-
-
-def _sort_key(entry: os.DirEntry) -> str:
-    """Return the name of ``entry``, with "/" appended for a directory."""
-    return entry.name + "/" if entry.is_dir(follow_symlinks=False) else entry.name

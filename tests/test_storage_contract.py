@@ -6,18 +6,25 @@ on s3://<fresh bucket>/root/prefix/ served by a real moto HTTP server.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import pickle
+import random
+import sys
 import types
 from concurrent.futures import ThreadPoolExecutor
 
 import boto3
 import pytest
-from botocore.exceptions import ClientError, EndpointConnectionError
+from botocore.exceptions import ClientError, EndpointConnectionError, ResponseStreamingError
+from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
 from storage import (
     ObjectStore, StorageError, StoreURL, is_transient, open_store, parse_url,
 )
+from storage.errors import translate_s3_error
+from storage.s3 import MIN_PART_SIZE
 from tests.services import MotoServer, free_port
 
 S3_ROOT = "root/prefix/"
@@ -166,6 +173,92 @@ def test_list_of_more_than_1000_keys_returns_them_all(store):
         list(pool.map(lambda key: store.write_bytes(key, b"."), keys))
     # When listed, Then every key comes back, in order
     assert list(store.list("many/")) == keys
+    # and a listing resumed after a key of the first page goes on across pages
+    assert list(store.list("many/", start_after=keys[998])) == keys[999:]
+
+
+AFTERS = ["", "0", "a", "a-b", "a/", "a/c", "a/d", "a/d/", "a/d/e", "a/d/f", "a0", "b",
+          "b/", "b/x", "b/y.jpg", "ba", "ba/z.jpg", "c", "z", "zz"]
+
+
+def test_list_after_a_key_yields_only_greater_keys(filled):
+    for after in AFTERS:
+        expected = [key for key in sorted(KEYS) if key > after]
+        assert (after, list(filled.list(start_after=after))) == (after, expected)
+
+
+def test_list_after_a_key_under_a_prefix(filled):
+    for prefix in ["a", "a/", "a/d", "b", "b/", "ba/", "nothing/"]:
+        for after in ["a", "a/c", "a/d/e", "b", "b/x.jpg", "ba", "z"]:
+            expected = [key for key in sorted(KEYS) if key.startswith(prefix) and key > after]
+            assert (prefix, after, list(filled.list(prefix, start_after=after))) == (prefix, after, expected)
+
+
+def test_list_after_none_lists_everything(filled):
+    assert list(filled.list(start_after=None)) == sorted(KEYS)
+
+
+def test_list_after_a_non_str_is_rejected_at_call_time(store):
+    with pytest.raises(TypeError, match="start_after"):
+        store.list(start_after=b"a")
+
+
+@contextlib.contextmanager
+def scanned_directories():
+    """Collect the paths os.scandir opens meanwhile (seen through an audit hook, not a mock)."""
+    _hook_scandir()
+    scanned: list[str] = []
+    _SCANDIR_LOGS.append(scanned)
+    try:
+        yield scanned
+    finally:
+        _SCANDIR_LOGS.remove(scanned)
+
+
+_SCANDIR_LOGS: list[list[str]] = []
+
+
+@functools.cache
+def _hook_scandir() -> None:
+    """Add the audit hook (once: hooks cannot be removed) that feeds scanned_directories."""
+    def audit(event: str, args: tuple) -> None:
+        if event == "os.scandir" and _SCANDIR_LOGS:
+            _SCANDIR_LOGS[-1].append(os.fsdecode(args[0]))
+
+    sys.addaudithook(audit)
+
+
+def test_local_list_after_a_key_does_not_open_the_directories_before_it(tmp_path):
+    # Given a tree a/0..2/f, b/0..2/f, c/0..2/f
+    store = open_store(tmp_path)
+    keys = [f"{top}/{sub}/f" for top in "abc" for sub in "012"]
+    for key in keys:
+        store.write_bytes(key, b".")
+    # When the listing is resumed after b/1/f
+    with scanned_directories() as scanned:
+        listed = list(store.list(start_after="b/1/f"))
+    # Then the keys after it come back, reading only the directories on its path and after it
+    assert listed == keys[5:]
+    opened = {os.path.relpath(path, tmp_path) for path in scanned}
+    assert opened == {".", "b", "b/1", "b/2", "c", "c/0", "c/1", "c/2"}
+
+
+FILE_NAMES = ["m", "a-b", "a.txt", "x\ny", "\u00e9t\u00e9", "a0", "z", "_", "B", "0", "a b", "\u65e5\u672c"]
+DIR_NAMES = ["a", "x", "\u00e9", "Z\nq"]
+
+
+def test_local_list_of_a_directory_larger_than_memory_runs_is_merged_in_order(tmp_path):
+    # Given a directory of files and folders with awkward names, listed by a store
+    # that sorts at most 2 names in memory before spilling them to a temporary file
+    keys = [f"d/{name}" for name in FILE_NAMES] + [f"d/{name}/in" for name in DIR_NAMES]
+    in_memory = open_store(tmp_path)
+    for key in keys:
+        in_memory.write_bytes(key, b".")
+    spilling = open_store(tmp_path, spill_names=2)
+    # When listed, whole and resumed, Then the order is the same as sorting in memory
+    assert list(spilling.list()) == sorted(keys) == list(in_memory.list())
+    for after in sorted(keys)[::3]:
+        assert list(spilling.list("d/", start_after=after)) == [k for k in sorted(keys) if k > after]
 
 
 def test_local_list_does_not_show_temporary_files(tmp_path):
@@ -174,6 +267,113 @@ def test_local_list_does_not_show_temporary_files(tmp_path):
     assert os.listdir(tmp_path / "a") == ["b"]
     (tmp_path / "a" / ".clipmask-tmp-inflight").write_bytes(b"partial")
     assert list(store.list()) == ["a/b"]
+
+
+# --- streaming writes ------------------------------------------------------
+
+STREAM_SIZE = 11 * 1024 * 1024  # more than one S3 part of 8 MiB (and two of 5 MiB)
+
+
+def stream_data(size: int = STREAM_SIZE) -> bytes:
+    return random.Random(size).randbytes(size)
+
+
+def in_chunks(data: bytes, size: int = 100_003):
+    """Yield ``data`` in chunks that do not line up with any part boundary."""
+    for start in range(0, len(data), size):
+        yield data[start:start + size]
+
+
+def test_stream_of_many_chunks_round_trips(store):
+    # Given 11 MiB arriving in ~100 KB chunks
+    data = stream_data()
+    # When they are written as a stream, Then its size is returned and the object reads back whole
+    assert store.write_stream("big/stream.bin", in_chunks(data)) == len(data)
+    assert store.read_bytes("big/stream.bin") == data
+    assert list(store.list("big/")) == ["big/stream.bin"]
+
+
+def test_small_stream_round_trips(store):
+    assert store.write_stream("s.txt", [b"he", bytearray(b"ll"), memoryview(b"o")]) == 5
+    assert store.read_bytes("s.txt") == b"hello"
+
+
+def test_empty_stream_writes_an_empty_object(store):
+    assert store.write_stream("empty", iter(())) == 0
+    assert store.exists("empty") and store.read_bytes("empty") == b""
+
+
+def failing_stream(data: bytes):
+    """Yield ``data`` in chunks, then fail as a producer would."""
+    yield from in_chunks(data)
+    raise RuntimeError("producer failed")
+
+
+def test_stream_that_fails_midway_leaves_the_old_object(store):
+    # Given an existing object
+    store.write_bytes("a/obj", b"old")
+    # When a stream that fails after more than one part is written over it
+    with pytest.raises(RuntimeError, match="producer failed"):
+        store.write_stream("a/obj", failing_stream(stream_data(9 * 1024 * 1024)))
+    # Then the error is the producer's and the old object is intact, with nothing left over
+    assert store.read_bytes("a/obj") == b"old"
+    assert list(store.list()) == ["a/obj"]
+    if is_s3(store):
+        assert pending_uploads(store) == []
+    else:
+        assert os.listdir(os.path.join(store.url, "a")) == ["obj"]
+
+
+def test_stream_that_fails_at_once_writes_nothing(store):
+    with pytest.raises(RuntimeError, match="producer failed"):
+        store.write_stream("new", failing_stream(b""))
+    assert not store.exists("new")
+
+
+def test_stream_of_non_bytes_is_rejected(store):
+    with pytest.raises(TypeError, match="bytes-like"):
+        store.write_stream("k", [b"ok", "text"])
+    with pytest.raises(TypeError, match="iterable of bytes"):
+        store.write_stream("k", b"a whole payload")
+    assert list(store.list()) == []
+
+
+def pending_uploads(store: ObjectStore) -> list[str]:
+    bucket, _, root = store.url.removeprefix("s3://").partition("/")
+    uploads = boto3.client("s3").list_multipart_uploads(Bucket=bucket, Prefix=root)
+    return [upload["Key"] for upload in uploads.get("Uploads", [])]
+
+
+def etag(store: ObjectStore, key: str) -> str:
+    bucket, _, root = store.url.removeprefix("s3://").partition("/")
+    return boto3.client("s3").head_object(Bucket=bucket, Key=root + key)["ETag"]
+
+
+def test_s3_stream_is_a_multipart_upload_of_part_size_parts(s3_bucket):
+    # Given a store with S3's smallest part size
+    store = open_store(f"s3://{s3_bucket}/{S3_ROOT}", part_size=MIN_PART_SIZE)
+    # When 11 MiB are streamed, Then they are sent as 3 parts (the ETag counts them)
+    store.write_stream("big", in_chunks(stream_data()), content_type="application/x-ndjson")
+    assert etag(store, "big").endswith('-3"')
+    assert store.read_bytes("big") == stream_data()
+    assert pending_uploads(store) == []
+    # and the content type is the object's
+    bucket = store.url.removeprefix("s3://").split("/")[0]
+    head = boto3.client("s3").head_object(Bucket=bucket, Key=S3_ROOT + "big")
+    assert head["ContentType"] == "application/x-ndjson"
+
+
+def test_s3_stream_of_at_most_one_part_is_a_single_put(s3_bucket):
+    store = open_store(f"s3://{s3_bucket}/{S3_ROOT}", part_size=MIN_PART_SIZE)
+    store.write_stream("one", in_chunks(stream_data(MIN_PART_SIZE)))
+    assert "-" not in etag(store, "one")
+    assert store.read_bytes("one") == stream_data(MIN_PART_SIZE)
+
+
+@pytest.mark.parametrize("part_size", [MIN_PART_SIZE - 1, 5 * 1024 ** 3 + 1])
+def test_s3_part_size_outside_s3_limits_is_rejected(part_size):
+    with pytest.raises(ValueError, match="part_size"):
+        open_store("s3://b/p", part_size=part_size)
 
 
 # --- keys and URLs ---------------------------------------------------------
@@ -329,6 +529,17 @@ def test_s3_unknown_credentials_raise_permission_error(s3_env, auth_moto, monkey
             use()
         assert not is_transient(info.value)
         assert isinstance(info.value.__cause__, ClientError)
+
+
+@pytest.mark.parametrize("error", [
+    ProtocolError("Connection broken: IncompleteRead(5 bytes read, 5 more expected)"),
+    ReadTimeoutError(None, "/k", "Read timed out."),
+    ResponseStreamingError(error="Connection broken"),
+], ids=["urllib3-protocol", "urllib3-read-timeout", "botocore-streaming"])
+def test_cut_response_streams_translate_to_transient_connection_error(error):
+    translated = translate_s3_error(error, "s3://b/k")
+    assert isinstance(translated, ConnectionError) and is_transient(translated)
+    assert "s3://b/k" in str(translated)
 
 
 def test_storage_error_is_an_oserror():
