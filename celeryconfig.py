@@ -40,7 +40,16 @@ task_soft_time_limit = max(1, task_time_limit - min(60, task_time_limit // 10))
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
-worker_cancel_long_running_tasks_on_connection_loss = True
+# When the broker connection drops, a running chunk carries on: its results reach storage, and
+# its count reaches Redis once Redis is back (the job index retries). Cancelling it instead
+# would lose it, as Celery can neither record nor re-queue anything while the broker is away.
+# Whatever message is lost that way is sent again by the jobs' healing check (tasks/healing.py).
+worker_cancel_long_running_tasks_on_connection_loss = False
+# A worker whose broker is away keeps trying to reconnect, for as long as it takes.
+broker_connection_retry_on_startup = True
+broker_connection_max_retries = None
+# Task events on by default, for Flower and monitoring.
+worker_send_task_events = True
 
 #: Seconds before Redis redelivers an unacknowledged task. Must exceed the longest task, or a
 #: slow chunk would be run twice in parallel.
@@ -52,9 +61,9 @@ broker_transport_options = {
     "unacked_restore_throttle": env_int("CLIPMASK_RESTORE_THROTTLE", 10),
 }
 result_backend_transport_options = {"retry_policy": {"timeout": 5.0}}
-broker_connection_retry_on_startup = True
 
-#: Results are small and only needed by whoever waits for them: gone after a day.
+#: Results are small and only needed by whoever waits for them (``mask_image``, scans): gone
+#: after a day. Chunks and the finishing step store none: they report through the job's files.
 result_expires = env_int("CLIPMASK_RESULT_EXPIRES", 24 * 3600)
 task_track_started = True
 

@@ -1,7 +1,9 @@
-"""The ``clipmask`` command: run, submit, status, cancel, worker.
+"""The ``clipmask`` command: run, submit, status, cancel, resume, worker.
 
 Exit codes: 0 success; 1 some images failed (``run``) or the job is unknown (``status``);
 2 a usage or configuration error, with a message saying how to fix it.
+
+``submit``, ``status``, ``cancel`` and ``resume`` never import torch or the engine.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from worker.errors import ClipmaskError
 from worker.spec import DEFAULT_MAX_SIDE, PROFILES, MaskSpec
 
 from .planning import DEFAULT_CHUNK_SIZE
+from .redact import redact_url
 
 EPILOG = """configuration (environment):
   CELERY_BROKER_URL, CELERY_RESULT_BACKEND   Redis URLs for queue and results
@@ -74,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", action="store_true", help="show a progress bar until the job ends")
     cancel = commands.add_parser("cancel", help="cancel a job: its remaining images are skipped")
     cancel.add_argument("job_id", metavar="JOB")
+    resume = commands.add_parser(
+        "resume", help="complete an interrupted plan and queue again every chunk without a result",
+        description="Complete the plan of a job whose `clipmask submit` was interrupted (listing continues "
+                    "after the last planned image) and queue again every chunk that has no result. Safe to "
+                    "run at any time. Workers do the re-queueing part by themselves after "
+                    "CLIPMASK_VISIBILITY_TIMEOUT seconds without progress.")
+    resume.add_argument("job_id", metavar="JOB")
+    resume.add_argument("--out", metavar="DST", help="the job's DST: only needed when Redis lost the job's "
+                                                      "records, to rebuild them from DST/_jobs/JOB/")
     worker = commands.add_parser("worker", parents=[engine], help="start this machine's Celery workers",
                                  description="Start one worker process per GPU (one CPU process without GPUs). "
                                              "Other options are passed to `celery worker`.")
@@ -108,11 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return getattr(commands, args.command)(args, extra)
     except (RedisError, OperationalError) as err:
-        print(f"clipmask {args.command}: error: cannot reach Redis ({err}); check CELERY_BROKER_URL, "
-              "CELERY_RESULT_BACKEND or CLIPMASK_REDIS_URL and that redis-server is running", file=sys.stderr)
+        print(redact_url(f"clipmask {args.command}: error: cannot reach Redis ({err}); check CELERY_BROKER_URL, "
+                         "CELERY_RESULT_BACKEND or CLIPMASK_REDIS_URL and that redis-server is running"),
+              file=sys.stderr)
         return 2
-    except (ClipmaskError, ValueError, LookupError, OSError) as err:
-        print(f"clipmask {args.command}: error: {err}", file=sys.stderr)
+    except (ClipmaskError, ValueError, LookupError, OSError, RuntimeError) as err:
+        print(redact_url(f"clipmask {args.command}: error: {err}"), file=sys.stderr)
         return 1 if isinstance(err, LookupError) and args.command == "status" else 2
 
 

@@ -17,8 +17,9 @@ from celery.result import AsyncResult
 
 from worker.spec import MaskSpec
 
-from .jobs import JobStore
+from .jobs import JobIndex
 from .planning import DEFAULT_CHUNK_SIZE, submit_job
+from .queue import app
 
 
 def mask_image(source: str, key: str, dest: str, prompt: str, negative: str | None = None,
@@ -27,10 +28,8 @@ def mask_image(source: str, key: str, dest: str, prompt: str, negative: str | No
 
     Raises ``InvalidSpecError`` at once for bad options, before anything is queued.
     """
-    from .masks import mask_image as task
-
     spec = MaskSpec.from_text(prompt, negative, **options)
-    return task.apply_async(args=(source, key, dest, spec.to_dict()))
+    return app.send_task("clipmask.mask_image", args=(source, key, dest, spec.to_dict()))
 
 
 @dataclass
@@ -38,7 +37,7 @@ class JobHandle:
     """A submitted job: poll ``status()`` or block on ``wait()``."""
 
     job_id: str
-    jobs: JobStore
+    jobs: JobIndex
 
     def status(self) -> dict:
         return self.jobs.status(self.job_id)
@@ -49,6 +48,8 @@ class JobHandle:
         Raises ``TimeoutError`` after ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not (status := self.status())["manifest"]:
+            if status["planning_interrupted"]:
+                raise RuntimeError(f"job {self.job_id}: planning was interrupted; run clipmask resume {self.job_id}")
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {self.job_id} still {status['state']} after {timeout}s")
             time.sleep(interval)
@@ -58,7 +59,7 @@ class JobHandle:
 def submit_job_handle(source: str, dest: str, prompt: str, negative: str | None = None, *,
                       chunk_size: int = DEFAULT_CHUNK_SIZE, skip_existing: bool = False, **options) -> JobHandle:
     """Plan and queue a job like ``clipmask submit``; returns its handle."""
-    jobs = JobStore.from_env()
+    jobs = JobIndex.from_env()
     spec = MaskSpec.from_text(prompt, negative, **options)
     job_id = submit_job(source, dest, spec, chunk_size=chunk_size, skip_existing=skip_existing, jobs=jobs)
     return JobHandle(job_id, jobs)

@@ -35,18 +35,32 @@ def submit(args: argparse.Namespace, _extra: list[str]) -> int:
     from .cli import spec_from_args
     from .planning import submit_job
 
-    with tqdm(unit="img", desc="queued", file=sys.stderr, dynamic_ncols=True) as bar:
+    def named(job_id: str) -> None:
+        tqdm.write(f"job {job_id}: planning {args.source} -> {args.out}; if this is interrupted, "
+                   f"finish the plan with: clipmask resume {job_id}", file=sys.stderr)
+
+    with tqdm(unit="img", desc="queued", file=sys.stderr, dynamic_ncols=True, mininterval=0.5) as bar:
         job_id = submit_job(args.source, args.out, spec_from_args(args), chunk_size=args.chunk_size,
-                            skip_existing=args.skip_existing, on_chunk=bar.update)
+                            skip_existing=args.skip_existing, on_named=named, on_chunk=bar.update)
     print(f"submitted; follow it with: clipmask status {job_id} --watch", file=sys.stderr)
     print(job_id)
     return 0
 
 
-def status(args: argparse.Namespace, _extra: list[str]) -> int:
-    from .jobs import JobStore
+def resume(args: argparse.Namespace, _extra: list[str]) -> int:
+    from .planning import resume_job
 
-    jobs = JobStore.from_env()
+    with tqdm(unit="img", desc="planned", file=sys.stderr, dynamic_ncols=True, mininterval=0.5) as bar:
+        done = resume_job(args.job_id, args.out, on_chunk=bar.update)
+    print(f"job {args.job_id}: {done['planned']} more image(s) planned, {done['requeued']} chunk(s) queued again; "
+          f"follow it with: clipmask status {args.job_id} --watch")
+    return 0
+
+
+def status(args: argparse.Namespace, _extra: list[str]) -> int:
+    from .jobs import JobIndex
+
+    jobs = JobIndex.from_env()
     if args.watch:
         _watch(jobs, args.job_id)
     report = jobs.status(args.job_id)
@@ -55,10 +69,17 @@ def status(args: argparse.Namespace, _extra: list[str]) -> int:
     else:
         print(f"job {report['job_id']}: {report['state']}, {report['done']}/{report['total']} done "
               f"({report['succeeded']} succeeded, {report['failed']} failed, {report['skipped']} skipped)"
-              f"{'' if report['planned'] else ', still planning'}")
+              f"{_planning_note(report)}")
         if report["manifest"]:
             print(f"manifest: {report['manifest']}")
     return 0
+
+
+def _planning_note(report: dict) -> str:
+    if report["planning_interrupted"]:
+        return (f"; planning was interrupted after {report['total']} images: "
+                f"complete it with: clipmask resume {report['job_id']}")
+    return "" if report["planned"] else ", still planning"
 
 
 def _watch(jobs, job_id: str) -> None:
@@ -70,15 +91,26 @@ def _watch(jobs, job_id: str) -> None:
             bar.set_postfix(succeeded=report["succeeded"], failed=report["failed"], refresh=True)
             if report["manifest"]:  # written once the job has ended
                 return
+            if report["planning_interrupted"]:
+                bar.write(f"planning was interrupted: complete it with: clipmask resume {job_id}")
+                return
             time.sleep(WATCH_INTERVAL_S)
             report = jobs.status(job_id)
 
 
 def cancel(args: argparse.Namespace, _extra: list[str]) -> int:
-    from .jobs import JobStore
+    from storage import open_store
 
-    JobStore.from_env().cancel(args.job_id)
-    print(f"job {args.job_id} cancelled; images already queued will be recorded as skipped")
+    from .jobfiles import JobFiles
+    from .jobs import JobIndex, now_iso
+
+    from .queue import send_finish
+
+    data, idle = JobIndex.from_env().cancel(args.job_id)
+    JobFiles(open_store(data["dest"]), args.job_id).mark_cancelled(now_iso())
+    if idle:  # no chunk in flight to finish it
+        send_finish(args.job_id, data["dest"])
+    print(f"job {args.job_id} cancelled; images still queued will be recorded as skipped")
     return 0
 
 

@@ -1,33 +1,56 @@
-"""Job records in Redis: plan, progress and outcomes.
+"""The Redis index of jobs: small counters that a redelivery cannot inflate.
 
-Keys (``{id}`` is the job id):
-- ``clipmask:job:{id}``           hash: source, dest, spec, created_at, total, planned, cancelled,
-                                  then finished_at and manifest (URL, once the records are written)
-- ``clipmask:job:{id}:outcomes``  hash: input key -> manifest row (JSON)
-- ``clipmask:job:{id}:succeeded`` / ``:failed`` / ``:skipped``  sets of input keys
+Storage holds the job's record (``tasks/jobfiles.py``); Redis holds, per job, only what stays
+small whatever the job's size, so that it can be lost and rebuilt (``clipmask resume``):
 
-Progress is counted with sets, so a redelivered task that records an input again changes no
-count. ``finished`` means planning is over and every planned input has an outcome.
+- ``clipmask:job:{id}``        hash: source, dest, spec, created_at, chunk_size, window, chunks and
+                               total (planned so far), sent (chunks queued so far, see
+                               ``jobscripts``), planned (0/1), cancelled (0/1), planner (host:pid)
+                               and planner_beat while planning, succeeded / failed / skipped /
+                               chunks_done, created_ts, planned_at, last_progress, healed_at
+                               (epoch s), then finished_at and manifest
+- ``clipmask:job:{id}:done``   bitmap, one bit per chunk: set once, when its results are in storage
+- ``clipmask:jobs:active``     set of the ids of jobs without a manifest, for the healing check
+
+A chunk's counts are added only when its bit goes from 0 to 1, so a redelivered chunk counts
+once. The counts are progress; the manifest is the truth, and the finishing step writes its exact
+counts back here.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 import uuid
 from datetime import datetime, timezone
-from typing import Iterator
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from worker.config import env_int
+
+from . import jobscripts
+from .redact import redact_url
 
 STATUSES = ("succeeded", "failed", "skipped")
-#: Seconds a finished job's records stay in Redis (the manifest in storage stays for good).
+#: Seconds a finished job's records stay in Redis (its files in storage stay for good).
 FINISHED_TTL_S = 7 * 24 * 3600
+#: A planner that has not written its heartbeat for this long is taken for dead.
+PLANNER_STALE_S = 60
+#: Chunks of one job queued or running at once, unless ``CLIPMASK_JOB_WINDOW`` says otherwise:
+#: enough to keep a few hundred GPUs busy, few enough that the broker holds about a megabyte.
+DEFAULT_WINDOW = 1000
 PREFIX = "clipmask:job:"
+ACTIVE = "clipmask:jobs:active"
+
+Claims = list[tuple[int, int]]
 
 
 class JobNotFoundError(LookupError):
-    """Raised when a job id is unknown to Redis (mistyped, or expired after FINISHED_TTL_S)."""
+    """Raised when a job id is unknown to Redis (mistyped, expired, or Redis lost it)."""
 
 
 def redis_url() -> str:
@@ -50,99 +73,198 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-class JobStore:
-    """Reads and writes job records; every method is one or two round trips."""
+def this_planner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class JobIndex:
+    """Reads and writes the Redis index of jobs; every method is one or two round trips."""
 
     def __init__(self, client: redis.Redis):
         self.redis = client
+        # The bitmap is bytes, not text: read it through a client that does not decode.
+        pool = client.connection_pool
+        self._raw = redis.Redis(connection_pool=redis.ConnectionPool(
+            connection_class=pool.connection_class, **{**pool.connection_kwargs, "decode_responses": False}))
+        self._scripts = {name: client.register_script(getattr(jobscripts, name))
+                         for name in ("PLAN_CHUNK", "RECORD_CHUNK", "FINISH_PLANNING", "FEED", "CANCEL")}
 
     @classmethod
-    def from_env(cls) -> "JobStore":
-        return cls(redis.Redis.from_url(redis_url(), decode_responses=True))
+    def from_env(cls, patient: bool = False) -> "JobIndex":
+        """A client of ``redis_url()``. ``patient`` (workers): ride out a Redis restart of about
+        a minute by retrying each call; otherwise (commands) fail within seconds."""
+        attempts = 10 if patient else 1
+        client = redis.Redis.from_url(
+            redis_url(), decode_responses=True, socket_connect_timeout=5, socket_timeout=30,
+            retry=Retry(ExponentialBackoff(cap=8, base=0.5), attempts),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+        return cls(client)
 
     def _key(self, job_id: str, part: str = "") -> str:
         return f"{PREFIX}{job_id}{':' + part if part else ''}"
 
-    def create(self, job_id: str, source: str, dest: str, spec: dict, skip_existing: bool) -> None:
-        self.redis.hset(self._key(job_id), mapping={
-            "source": source, "dest": dest, "spec": json.dumps(spec), "skip_existing": int(skip_existing),
-            "created_at": now_iso(), "total": 0, "planned": 0, "cancelled": 0,
-        })
+    def _run(self, script: str, job_id: str, *args, bitmap: bool = False) -> list:
+        keys = [self._key(job_id)] + ([self._key(job_id, "done")] if bitmap else [])
+        return self._scripts[script](keys=keys, args=list(args))
 
-    def add_planned(self, job_id: str, count: int) -> None:
-        self.redis.hincrby(self._key(job_id), "total", count)
+    # --- planning -------------------------------------------------------------
 
-    def finish_planning(self, job_id: str) -> None:
-        self.redis.hset(self._key(job_id), "planned", 1)
-
-    def cancel(self, job_id: str) -> None:
-        self.info(job_id)
-        self.redis.hset(self._key(job_id), "cancelled", 1)
-
-    def is_cancelled(self, job_id: str) -> bool:
-        return self.redis.hget(self._key(job_id), "cancelled") == "1"
-
-    def record(self, job_id: str, key: str, row: dict) -> None:
-        """Store ``key``'s outcome; recording the same key again replaces, never adds."""
-        status = row["status"]
+    def create(self, job_id: str, record: dict) -> None:
+        """Index a new job from its ``job.json`` record; this process is its planner."""
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._key(job_id, "outcomes"), key, json.dumps(row, sort_keys=True))
-            for other in STATUSES:
-                if other != status:
-                    pipe.srem(self._key(job_id, other), key)
-            pipe.sadd(self._key(job_id, status), key)
+            pipe.hset(self._key(job_id), mapping={
+                "source": record["source"], "dest": record["dest"], "spec": json.dumps(record["spec"]),
+                "created_at": record["created_at"], "chunk_size": record["chunk_size"],
+                "window": record.get("window") or env_int("CLIPMASK_JOB_WINDOW", DEFAULT_WINDOW),
+                "chunks": 0, "total": 0, "sent": 0, "planned": 0, "cancelled": 0, "chunks_done": 0,
+                **{status: 0 for status in STATUSES},
+                "planner": this_planner(), "planner_beat": time.time(), "created_ts": time.time(),
+            })
+            pipe.sadd(ACTIVE, job_id)
             pipe.execute()
 
-    def has_outcome(self, job_id: str, key: str) -> bool:
-        return bool(self.redis.hexists(self._key(job_id, "outcomes"), key))
+    def plan_chunk(self, job_id: str, chunks: int, total: int) -> tuple[bool, Claims]:
+        """Note that ``chunks`` chunks of ``total`` keys are planned, and beat the planner's heart;
+        returns (cancelled meanwhile, the chunks to queue now)."""
+        reply = self._run("PLAN_CHUNK", job_id, chunks, total, time.time())
+        return reply[0] == 1, _pairs(reply[1:])
+
+    def claim_planning(self, job_id: str, chunks: int, total: int) -> None:
+        """Make this process the job's planner again (``resume``) at ``chunks``/``total``."""
+        self.redis.hset(self._key(job_id), mapping={
+            "planner": this_planner(), "planner_beat": time.time(), "chunks": chunks, "total": total})
+
+    def finish_planning(self, job_id: str, chunks: int, total: int) -> tuple[bool, Claims]:
+        """Planning is over; returns (every chunk already done: finish the job, chunks to queue)."""
+        reply = self._run("FINISH_PLANNING", job_id, chunks, total, time.time())
+        return reply[0] == 1, _pairs(reply[1:])
+
+    # --- chunks -----------------------------------------------------------------
+
+    def is_done(self, job_id: str, chunk: int) -> bool:
+        return self.redis.getbit(self._key(job_id, "done"), chunk) == 1
+
+    def record_chunk(self, job_id: str, chunk: int, counts: dict[str, int]) -> tuple[int, Claims]:
+        """Mark ``chunk`` done with its per-status counts, once; returns (code, chunks to queue):
+        code -1 unknown job, 0 already done, 1 counted, 2 counted and the job is complete."""
+        reply = self._run("RECORD_CHUNK", job_id, chunk, *(counts.get(s, 0) for s in STATUSES), time.time(),
+                          bitmap=True)
+        return reply[0], _pairs(reply[1:])
+
+    def feed(self, job_id: str) -> Claims:
+        """The chunks that fit the job's window now (nothing for a cancelled or unknown job)."""
+        return _pairs(self._run("FEED", job_id))
+
+    def missing_chunks(self, job_id: str, below: int) -> list[int]:
+        """Chunk numbers below ``below`` whose bit is not set: one GET of the bitmap."""
+        raw = self._raw.get(self._key(job_id, "done")) or b""
+        return [n for n in range(below) if n // 8 >= len(raw) or not raw[n // 8] >> (7 - n % 8) & 1]
+
+    # --- the job ----------------------------------------------------------------
+
+    def get(self, job_id: str) -> dict | None:
+        """The job's hash, or None when Redis does not know the job."""
+        return self.redis.hgetall(self._key(job_id)) or None
 
     def info(self, job_id: str) -> dict:
         """The job's hash; raises ``JobNotFoundError``."""
-        data = self.redis.hgetall(self._key(job_id))
+        data = self.get(job_id)
         if not data:
-            raise JobNotFoundError(f"no job {job_id!r} in Redis at {redis_url()}: check the id and "
-                                   "that CELERY_BROKER_URL / CLIPMASK_REDIS_URL point where it was submitted")
+            raise JobNotFoundError(
+                f"no job {job_id!r} in Redis at {redact_url(redis_url())}: check the id and that "
+                "CELERY_BROKER_URL / CLIPMASK_REDIS_URL point where it was submitted; a job whose "
+                "records Redis lost is rebuilt from storage by: clipmask resume JOB --out DST")
         return data
 
-    def is_complete(self, job_id: str) -> bool:
-        """Planning is over and every planned input has an outcome (cancelled or not)."""
-        status = self.status(job_id)
-        return status["planned"] and status["done"] >= status["total"]
+    def cancel(self, job_id: str) -> tuple[dict, bool]:
+        """Flag the job cancelled; returns its hash (``JobNotFoundError`` if unknown) and whether
+        nothing is left in flight (finish the job now)."""
+        data = self.info(job_id)
+        return data, self._run("CANCEL", job_id) == 1
+
+    def set_healed(self, job_id: str) -> None:
+        self.redis.hset(self._key(job_id), "healed_at", time.time())
 
     def status(self, job_id: str) -> dict:
-        """``job_id``, ``state``, ``total`` and the per-status counts (DESIGN.md)."""
-        data = self.info(job_id)
-        with self.redis.pipeline(transaction=False) as pipe:
-            for status in STATUSES:
-                pipe.scard(self._key(job_id, status))
-            counts = dict(zip(STATUSES, pipe.execute()))
-        total, done = int(data["total"]), sum(counts.values())
-        return {
-            "job_id": job_id, "state": _state(data, done), "total": total, **counts, "done": done,
-            "planned": data["planned"] == "1", "source": data["source"], "dest": data["dest"],
-            "spec": json.loads(data["spec"]), "created_at": data["created_at"],
-            "finished_at": data.get("finished_at"), "manifest": data.get("manifest"),
-        }
+        """``job_id``, ``state``, ``total``, the per-status counts and planning state (DESIGN.md)."""
+        return job_status(job_id, self.info(job_id))
 
-    def mark_finished(self, job_id: str) -> None:
-        """Stamp the finish time once and let the records expire later."""
-        self.redis.hsetnx(self._key(job_id), "finished_at", now_iso())
-        for part in ("", "outcomes", *STATUSES):
-            self.redis.expire(self._key(job_id, part), FINISHED_TTL_S)
+    def mark_finished(self, job_id: str, counts: dict[str, int], total: int, manifest_url: str) -> None:
+        """Write the manifest's exact counts, stamp the finish once and let the records expire."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._key(job_id), mapping={**counts, "total": total, "manifest": manifest_url})
+            pipe.hsetnx(self._key(job_id), "finished_at", now_iso())
+            pipe.srem(ACTIVE, job_id)
+            for part in ("", "done"):
+                pipe.expire(self._key(job_id, part), FINISHED_TTL_S)
+            pipe.execute()
 
-    def set_manifest(self, job_id: str, url: str) -> None:
-        """Record where the manifest was written: its presence means the job's records exist."""
-        self.redis.hset(self._key(job_id), "manifest", url)
+    def rebuild(self, job_id: str, record: dict, chunks: int, total: int, planned: bool, cancelled: bool) -> None:
+        """Index a job again from its files, as if nothing were done (chunks recount from results)."""
+        self.create(job_id, record)
+        self.redis.hset(self._key(job_id), mapping={
+            "chunks": chunks, "total": total, "planned": int(planned), "cancelled": int(cancelled), "sent": 0})
+        self.redis.hdel(self._key(job_id), "planner", "planner_beat")
 
-    def outcomes(self, job_id: str) -> Iterator[tuple[str, dict]]:
-        """(input key, manifest row) pairs, streamed with HSCAN."""
-        for key, row in self.redis.hscan_iter(self._key(job_id, "outcomes"), count=1000):
-            yield key, json.loads(row)
+    # --- healing ----------------------------------------------------------------
+
+    def active(self) -> list[str]:
+        return sorted(self.redis.smembers(ACTIVE))
+
+    def forget(self, job_id: str) -> None:
+        self.redis.srem(ACTIVE, job_id)
+
+    def take_turn(self, name: str, seconds: float) -> bool:
+        """True for one caller among all workers per ``seconds`` (a lock that expires)."""
+        return bool(self.redis.set(f"clipmask:lock:{name}", this_planner(), nx=True, px=int(seconds * 1000)))
 
 
-def _state(data: dict, done: int) -> str:
+def _pairs(flat: list) -> Claims:
+    return [(int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+
+def job_status(job_id: str, data: dict) -> dict:
+    counts = {status: int(data.get(status, 0)) for status in STATUSES}
+    done = sum(counts.values())
+    planned = data.get("planned") == "1"
+    return {
+        "job_id": job_id, "state": _state(data, planned), "total": int(data.get("total", 0)), **counts,
+        "done": done, "chunks": int(data.get("chunks", 0)), "chunks_done": int(data.get("chunks_done", 0)),
+        "chunks_queued": int(data.get("sent", 0)) - int(data.get("chunks_done", 0)),
+        "planned": planned, "planning_interrupted": planning_interrupted(data),
+        "source": data.get("source"), "dest": data.get("dest"),
+        "spec": json.loads(data["spec"]) if data.get("spec") else None,
+        "created_at": data.get("created_at"), "finished_at": data.get("finished_at"),
+        "manifest": data.get("manifest"),
+    }
+
+
+def planning_interrupted(data: dict) -> bool:
+    """Planning is not over and its planner is gone: dead on this host, or silent too long."""
+    if data.get("planned") == "1":
+        return False
+    planner, beat = data.get("planner"), float(data.get("planner_beat") or 0)
+    if not planner:
+        return True
+    host, _, pid = planner.rpartition(":")
+    if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+        return True
+    return time.time() - beat > PLANNER_STALE_S
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _state(data: dict, planned: bool) -> str:
     if data.get("cancelled") == "1":
         return "cancelled"
-    if data["planned"] == "1" and done >= int(data["total"]):
+    if planned and int(data.get("chunks_done", 0)) >= int(data.get("chunks", 0)):
         return "finished"
-    return "running" if done else "queued"
+    return "running" if int(data.get("chunks_done", 0)) else "queued"

@@ -1,48 +1,80 @@
-"""A job's records in storage: ``_jobs/<id>/manifest.jsonl`` and ``summary.json``.
+"""A job's manifest and summary: ``_jobs/<id>/manifest.jsonl`` and ``summary.json``.
 
-Written when every input has an outcome, by whichever task records the last one (and again, to
-the same effect, by any redelivered task: the files are a pure function of the Redis records).
+The manifest is streamed, never held: chunk result files are read a few at a time, in chunk
+order (which is listing order), and written through ``ObjectStore.write_stream`` (a multipart
+upload on S3, a temporary file renamed into place locally). Writing it again gives the same file.
 """
 
 from __future__ import annotations
 
 import json
+from typing import Iterable, Iterator
 
 from storage import ObjectStore
-from storage.layout import job_keys
 
-from .jobs import JobStore
+from .jobfiles import JobFiles, iter_lines, row_line
+from .jobs import STATUSES, now_iso
+from .readahead import ordered_map
 
-
-def manifest_lines(rows: list[dict]) -> bytes:
-    """JSON lines sorted by source, so that reruns produce identical files."""
-    rows = sorted(rows, key=lambda row: row["source"])
-    return b"".join(json.dumps(row, sort_keys=True).encode() + b"\n" for row in rows)
+CANCELLED = "job cancelled"
 
 
-def summary(status: dict, dest: ObjectStore, job_id: str) -> dict:
-    keys = job_keys(job_id)
-    fields = ("job_id", "state", "total", "succeeded", "failed", "skipped", "source", "dest", "spec",
-              "created_at", "finished_at")
-    return {**{name: status[name] for name in fields},
-            "manifest": dest.url_for(keys["manifest"])}
+class IncompleteJobError(RuntimeError):
+    """Raised when a chunk has no result file yet, so the manifest cannot be written."""
 
 
-def write_records(dest: ObjectStore, job_id: str, rows: list[dict], status: dict) -> dict:
-    """Write manifest and summary under ``_jobs/<job_id>/``; returns the summary."""
-    keys = job_keys(job_id)
-    dest.write_bytes(keys["manifest"], manifest_lines(rows), "application/x-ndjson")
-    record = summary(status, dest, job_id)
-    dest.write_bytes(keys["summary"], json.dumps(record, indent=2).encode() + b"\n", "application/json")
-    return record
+class CountingLines:
+    """Passes manifest lines through while counting them by status."""
+
+    def __init__(self):
+        self.counts = {status: 0 for status in STATUSES}
+
+    def rows(self, rows: Iterable[dict]) -> Iterator[bytes]:
+        for row in rows:
+            self.counts[row["status"]] += 1
+            yield row_line(row)
+
+    def lines(self, lines: Iterable[bytes]) -> Iterator[bytes]:
+        for line in lines:
+            self.counts[json.loads(line)["status"]] += 1
+            yield line
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
 
 
-def write_job_records(jobs: JobStore, job_id: str, dest: ObjectStore) -> dict | None:
-    """Write a Celery job's records if it is complete; returns the summary or None."""
-    if not jobs.is_complete(job_id):
-        return None
-    rows = [row for _, row in jobs.outcomes(job_id)]
-    jobs.mark_finished(job_id)
-    record = write_records(dest, job_id, rows, jobs.status(job_id))
-    jobs.set_manifest(job_id, record["manifest"])
-    return record
+def write_job_manifest(files: JobFiles, source: ObjectStore, chunks: int, cancelled: bool) -> CountingLines:
+    """Stream chunks ``0..chunks-1``'s results into the manifest; returns the counts.
+
+    A chunk without results is listed as skipped when the job was cancelled; otherwise
+    ``IncompleteJobError`` is raised and no manifest is written.
+    """
+    def chunk_lines(chunk: int) -> bytes:
+        try:
+            return files.read_results(chunk)
+        except FileNotFoundError:
+            if not cancelled:
+                raise IncompleteJobError(f"job {files.job_id}: chunk {chunk} has no results yet") from None
+        keys = files.read_plan(chunk).keys
+        return b"".join(row_line({"source": source.url_for(key), "status": "skipped", "error": CANCELLED})
+                        for key in keys)
+
+    counter = CountingLines()
+    blobs = ordered_map(chunk_lines, range(chunks))
+    files.dest.write_stream(files.keys["manifest"], counter.lines(line for blob in blobs for line in iter_lines(blob)),
+                            "application/x-ndjson")
+    return counter
+
+
+def write_summary(files: JobFiles, record: dict, counts: dict[str, int], state: str,
+                  finished_at: str | None = None) -> dict:
+    """Write ``summary.json`` from the job's record and its manifest's counts; returns it."""
+    summary = {
+        "job_id": files.job_id, "state": state, "total": sum(counts.values()), **counts,
+        "source": record["source"], "dest": record["dest"], "spec": record["spec"],
+        "created_at": record["created_at"], "finished_at": finished_at or now_iso(),
+        "manifest": files.url("manifest"),
+    }
+    files.dest.write_bytes(files.keys["summary"], json.dumps(summary, indent=2).encode() + b"\n", "application/json")
+    return summary

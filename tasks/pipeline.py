@@ -2,7 +2,10 @@
 
 Reading and decoding run ahead in a thread pool, inference runs in batches in the calling thread,
 and encoding and writing run behind it in the same pool, so the device does not wait for storage.
-Every input ends in exactly one ``Outcome``; a bad image fails alone.
+Every input ends in exactly one ``Outcome``, yielded in input order; any error while handling one
+image fails that image alone. Storage calls are not retried here: the storage layer already did
+(README, "Retries"); an image that still met a transient error says so (``Outcome.transient``),
+so that the task can run its chunk again later.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Iterable, Iterator
 
 import torch
 from PIL import Image
@@ -23,17 +26,11 @@ from storage.layout import output_keys
 from worker.codecs import decode_image
 from worker.config import env_int
 from worker.engine import MaskEngine, MaskResult
-from worker.errors import ImageError
 from worker.outputs import encode_masks, encode_metadata, metadata_record, worker_identity
 from worker.spec import MaskSpec
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-#: Attempts of one storage call before a transient error (ConnectionError, TimeoutError) counts.
-STORAGE_ATTEMPTS = 4
-#: First back-off delay in seconds; doubles with each attempt.
-STORAGE_BACKOFF_S = 0.5
 #: Threads for reading, decoding, preprocessing, encoding and writing: enough to hide storage
 #: latency, and one per core so that CPU work keeps up with a GPU (``CLIPMASK_IO_THREADS``).
 IO_THREADS = env_int("CLIPMASK_IO_THREADS", min(16, max(4, os.cpu_count() or 1)))
@@ -50,6 +47,7 @@ class Outcome:
     error: str | None = None
     coverage: float | None = None
     metadata: dict | None = None  # the R.json record, for succeeded inputs
+    transient: bool = False  # failed on an error worth retrying later (storage away)
 
     def row(self) -> dict:
         row = {"source": self.source, "status": self.status}
@@ -69,20 +67,6 @@ class _Loaded:
     timings_ms: dict = field(default_factory=dict)
 
 
-def with_retries(call: Callable[[], T], what: str) -> T:
-    """Run ``call``, retrying transient storage errors with exponential back-off."""
-    for attempt in range(STORAGE_ATTEMPTS):
-        try:
-            return call()
-        except OSError as err:
-            if not is_transient(err) or attempt == STORAGE_ATTEMPTS - 1:
-                raise
-            delay = STORAGE_BACKOFF_S * 2 ** attempt
-            log.warning("%s: transient storage error (%s), retrying in %.1fs", what, err, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
-
-
 class Pipeline:
     """Masks keys relative to ``source`` into ``dest`` with one engine and one spec."""
 
@@ -94,18 +78,18 @@ class Pipeline:
         self.worker = worker_identity(str(engine.device))
 
     def run(self, keys: Iterable[str]) -> Iterator[Outcome]:
-        """Yield one ``Outcome`` per key, in completion order."""
+        """Yield one ``Outcome`` per key, in the order of ``keys``."""
         with ThreadPoolExecutor(IO_THREADS, thread_name_prefix="clipmask-io") as pool:
-            saves: deque[Future] = deque()
+            outcomes: deque[Future] = deque()
             for batch in self._loaded_batches(pool, keys):
                 ready = [item for item in batch if item.outcome is None]
-                yield from (item.outcome for item in batch if item.outcome is not None)
-                for item, result in self._infer(ready):
-                    saves.append(pool.submit(self._save, item, result))
-                while len(saves) > 2 * self.engine.batch_size:
-                    yield saves.popleft().result()
-            while saves:
-                yield saves.popleft().result()
+                saves = (pool.submit(self._save, item, result) for item, result in self._infer(ready))
+                for item in batch:
+                    outcomes.append(_resolved(item.outcome) if item.outcome is not None else next(saves))
+                while len(outcomes) > 2 * self.engine.batch_size:
+                    yield outcomes.popleft().result()
+            while outcomes:
+                yield outcomes.popleft().result()
 
     def _loaded_batches(self, pool: ThreadPoolExecutor, keys: Iterable[str]) -> Iterator[list[_Loaded]]:
         """Batches of loaded inputs, reading up to two batches ahead of inference."""
@@ -125,7 +109,7 @@ class Pipeline:
                 item.outcome = Outcome(key, self.source.url_for(key), "skipped")
                 return item
             started = time.perf_counter()
-            data = with_retries(lambda: self.source.read_bytes(key), self._name(key))
+            data = self.source.read_bytes(key)
             read = time.perf_counter()
             item.image = decode_image(data)
             self.engine.check(item.image, self.spec)
@@ -133,7 +117,7 @@ class Pipeline:
             item.pixels = self.engine.prepare(item.image, self.spec)
             item.timings_ms = {"download": (read - started) * 1e3, "decode": (decoded - read) * 1e3,
                                "preprocess": (time.perf_counter() - decoded) * 1e3}
-        except (ImageError, OSError) as err:
+        except Exception as err:  # noqa: BLE001 - whatever it is, it fails this image alone
             item.outcome = self._failed(key, err)
         return item
 
@@ -156,7 +140,7 @@ class Pipeline:
             return self._failed(item.key, result)
         try:
             return self._write_outputs(item, result)
-        except OSError as err:
+        except Exception as err:  # noqa: BLE001 - whatever it is, it fails this image alone
             return self._failed(item.key, err)
 
     def _write_outputs(self, item: _Loaded, result: MaskResult) -> Outcome:
@@ -165,7 +149,7 @@ class Pipeline:
         blobs = encode_masks(result, self.spec)
         encoded = time.perf_counter()
         for role in ("mask", "raw"):
-            with_retries(lambda: self.dest.write_bytes(keys[role], blobs[role], "image/png"), self._name(item.key))
+            self.dest.write_bytes(keys[role], blobs[role], "image/png")
         urls = {role: self.dest.url_for(key) for role, key in keys.items()}
         timings = {**item.timings_ms, **result.timings_ms, "encode": (encoded - started) * 1e3,
                    "upload": (time.perf_counter() - encoded) * 1e3}
@@ -174,18 +158,20 @@ class Pipeline:
             model=self.engine.model_info, result=result, outputs=urls, timings_ms=timings, worker=self.worker,
         )
         # The metadata goes last: its presence means the image is complete (--skip-existing).
-        with_retries(lambda: self.dest.write_bytes(keys["metadata"], encode_metadata(record), "application/json"),
-                     self._name(item.key))
+        self.dest.write_bytes(keys["metadata"], encode_metadata(record), "application/json")
         log.info("%smasked %s (coverage %.3f)", self._prefix(), item.key, result.coverage)
         return Outcome(item.key, record["source"], "succeeded", urls, coverage=result.coverage, metadata=record)
 
     def _failed(self, key: str, err: BaseException) -> Outcome:
         message = f"{type(err).__name__}: {err}"
-        log.warning("%sfailed %s: %s", self._prefix(), key, message)
-        return Outcome(key, self.source.url_for(key), "failed", error=message)
+        log.warning("%sfailed %s: %s", self._prefix(), self.source.url_for(key), message)
+        return Outcome(key, self.source.url_for(key), "failed", error=message, transient=is_transient(err))
 
     def _prefix(self) -> str:
         return f"[{self.context}] " if self.context else ""
 
-    def _name(self, key: str) -> str:
-        return self._prefix() + self.source.url_for(key)
+
+def _resolved(outcome: Outcome) -> Future:
+    future: Future = Future()
+    future.set_result(outcome)
+    return future

@@ -1,7 +1,8 @@
-"""Planning a job: list the source, keep the images, fan keys out in chunks.
+"""Planning a job: list the source, write each chunk's keys to storage, queue the chunk.
 
-Listing streams page by page and chunks are sent as they fill, so a prefix of millions of keys
-never sits in memory.
+Listing streams page by page and each chunk is written and sent as it fills, so a prefix of
+millions of keys never sits in memory. The plan in storage comes first, then the Redis index,
+then the message: whatever is interrupted, ``resume_job`` (``clipmask resume``) can complete it.
 """
 
 from __future__ import annotations
@@ -11,18 +12,22 @@ from itertools import chain, islice
 from typing import Callable, Iterable, Iterator
 
 from storage import ObjectStore, open_store
-from storage.layout import is_output_key
-from worker.codecs import IMAGE_EXTENSIONS, is_image_key
+from storage.layout import IMAGE_EXTENSIONS, is_image_key, is_output_key
+from worker.config import env_int
 from worker.spec import MaskSpec
 
-from .jobs import JobStore, new_job_id
-from .manifest import write_job_records
+from .jobfiles import JobFiles, PlanChunk
+from .jobs import DEFAULT_WINDOW, JobIndex, new_job_id, now_iso, planning_interrupted
+from .queue import producer, send_chunk, send_finish
+from .readahead import ordered_map
 
 log = logging.getLogger(__name__)
 
 #: Images per task when ``--chunk-size`` is not given: large enough to batch on a GPU, small
 #: enough that a redelivered chunk repeats little work.
 DEFAULT_CHUNK_SIZE = 64
+#: Plan files written at once: an S3 PUT takes milliseconds, a planner writes thousands.
+PLAN_WRITERS = 8
 
 
 class NoImagesError(LookupError):
@@ -32,9 +37,14 @@ class NoImagesError(LookupError):
         super().__init__(f"no images under {source.url} (extensions: {' '.join(IMAGE_EXTENSIONS)})")
 
 
-def image_keys(source: ObjectStore) -> Iterator[str]:
+class PlanningBusyError(RuntimeError):
+    """Raised by ``resume_job`` while the job's planner is still alive."""
+
+
+def image_keys(source: ObjectStore, start_after: str | None = None) -> Iterator[str]:
     """Keys under ``source`` with an image extension, excluding clipmask's own outputs."""
-    return (key for key in source.list() if is_image_key(key) and not is_output_key(key))
+    keys = source.list(start_after=start_after) if start_after else source.list()
+    return (key for key in keys if is_image_key(key) and not is_output_key(key))
 
 
 def chunked(items: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -44,32 +54,142 @@ def chunked(items: Iterable[str], size: int) -> Iterator[list[str]]:
 
 
 def submit_job(source_url: str, dest_url: str, spec: MaskSpec, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-               skip_existing: bool = False, jobs: JobStore | None = None,
+               skip_existing: bool = False, jobs: JobIndex | None = None,
+               on_named: Callable[[str], None] | None = None,
                on_chunk: Callable[[int], None] | None = None) -> str:
-    """Record a job, queue its chunks and return its id.
+    """Record a job, plan and queue its chunks, and return its id.
 
-    ``on_chunk(n)`` is called as each chunk of ``n`` keys is queued (for a progress display).
-    Raises ``NoImagesError`` before recording anything if the source has no images, and
-    ``ValueError`` for a bad URL or chunk size.
+    ``on_named(job_id)`` is called before anything is listed; ``on_chunk(n)`` as each chunk of
+    ``n`` keys is queued. Raises ``NoImagesError`` before recording anything if the source has
+    no images, and ``ValueError`` for a bad URL or chunk size.
     """
-    from .masks import mask_chunk  # the Celery side, imported only when a job is submitted
-
     if chunk_size < 1:
         raise ValueError(f"--chunk-size must be at least 1, got {chunk_size}")
     source, dest = open_store(source_url), open_store(dest_url)
-    chunks = chunked(image_keys(source), chunk_size)
-    first = next(chunks, None)
+    job_id = new_job_id()
+    if on_named:
+        on_named(job_id)
+    keys = image_keys(source)
+    first = next(keys, None)
     if first is None:
         raise NoImagesError(source)
-    jobs = jobs or JobStore.from_env()
-    job_id = new_job_id()
-    jobs.create(job_id, source.url, dest.url, spec.to_dict(), skip_existing)
-    for chunk in chain([first], chunks):
-        jobs.add_planned(job_id, len(chunk))  # before sending: done never runs ahead of total
-        mask_chunk.apply_async(args=(job_id, source.url, dest.url, chunk, spec.to_dict(), skip_existing))
-        if on_chunk:
-            on_chunk(len(chunk))
-    jobs.finish_planning(job_id)
-    write_job_records(jobs, job_id, dest)  # if every chunk finished before planning did
+    record = {"job_id": job_id, "source": source.url, "dest": dest.url, "spec": spec.to_dict(),
+              "skip_existing": skip_existing, "chunk_size": chunk_size, "created_at": now_iso(),
+              "window": env_int("CLIPMASK_JOB_WINDOW", DEFAULT_WINDOW)}
+    files = JobFiles(dest, job_id)
+    files.write_job(record)
+    jobs = jobs or JobIndex.from_env()
+    jobs.create(job_id, record)
+    plan_chunks(jobs, files, record, chain([first], keys), on_chunk=on_chunk)
     log.info("job %s: %s -> %s planned", job_id, source.url, dest.url)
     return job_id
+
+
+def plan_chunks(jobs: JobIndex, files: JobFiles, record: dict, keys: Iterable[str], chunk: int = 0,
+                total: int = 0, on_chunk: Callable[[int], None] | None = None) -> int:
+    """Plan ``keys`` as chunks ``chunk``, ``chunk + 1``, ... after ``total`` keys planned before,
+    queueing those that fit the job's window; stop early if the job is cancelled. Returns the
+    job's total. Plan files are written a few at a time (``ordered_map``), each before the index
+    counts it, so that no chunk is queued before its plan is in storage."""
+    job_id, dest = files.job_id, record["dest"]
+
+    def numbered(number: int, first: int) -> Iterator[PlanChunk]:
+        for keys_of_chunk in chunked(keys, record["chunk_size"]):
+            yield PlanChunk(number, first, keys_of_chunk)
+            number, first = number + 1, first + len(keys_of_chunk)
+
+    def write(plan: PlanChunk) -> PlanChunk:
+        files.write_plan(plan)
+        return plan
+
+    with producer() as prod:
+        for plan in ordered_map(write, numbered(chunk, total), window=PLAN_WRITERS):
+            chunk, total = plan.chunk + 1, plan.end
+            cancelled, claims = jobs.plan_chunk(job_id, chunk, total)
+            send_claims(job_id, dest, claims, prod)
+            if on_chunk:
+                on_chunk(len(plan.keys))
+            if cancelled:
+                log.info("job %s cancelled while planning: %d keys planned", job_id, total)
+                break
+        files.write_planned(chunk, total)
+        complete, claims = jobs.finish_planning(job_id, chunk, total)
+        send_claims(job_id, dest, claims, prod)
+    if complete:
+        send_finish(job_id, dest)
+    return total
+
+
+def send_claims(job_id: str, dest: str, claims: list[tuple[int, int]], prod=None) -> None:
+    """Queue the chunks the index handed out: (chunk number, keys in it) pairs."""
+    for chunk, size in claims:
+        send_chunk(job_id, chunk, dest, size, prod)
+
+
+def requeue_missing(jobs: JobIndex, job_id: str, data: dict) -> int:
+    """Send again every queued chunk without a result, then what fits the window (the chain of
+    claims may have broken with a lost message), or the finishing step if the job is complete;
+    returns the number of chunks sent. Duplicates are harmless: a done chunk returns at once."""
+    missing = [(n, chunk_size_of(data, n)) for n in jobs.missing_chunks(job_id, int(data.get("sent", 0)))]
+    claims = missing + jobs.feed(job_id)
+    with producer() as prod:
+        send_claims(job_id, data["dest"], claims, prod)
+    if not claims and data.get("planned") == "1":
+        send_finish(job_id, data["dest"])
+    jobs.set_healed(job_id)
+    return len(claims)
+
+
+def chunk_size_of(data: dict, chunk: int) -> int:
+    """Keys in ``chunk``, from the index: every chunk is full but the last."""
+    size, chunks, total = int(data["chunk_size"]), int(data["chunks"]), int(data["total"])
+    return total - chunk * size if chunk == chunks - 1 else size
+
+
+def resume_job(job_id: str, dest_url: str | None = None, jobs: JobIndex | None = None,
+               on_chunk: Callable[[int], None] | None = None) -> dict:
+    """Complete an interrupted plan and re-queue every chunk without a result; idempotent.
+
+    Where Redis lost the job, ``dest_url`` (the job's ``--out``) rebuilds its index from the
+    files. Returns ``{"planned": keys newly planned, "requeued": chunks sent}``. Raises
+    ``JobNotFoundError``, ``FileNotFoundError`` or ``PlanningBusyError`` (its planner is alive).
+    """
+    jobs = jobs or JobIndex.from_env()
+    data = jobs.get(job_id)
+    if data is None and dest_url is None:
+        jobs.info(job_id)  # raises JobNotFoundError, naming --out
+    files = JobFiles(open_store(dest_url or data["dest"]), job_id)
+    record = files.read_job()
+    if data is None:
+        data = _rebuild(jobs, files, record)
+    if data.get("manifest"):
+        return {"planned": 0, "requeued": 0}
+    planned = 0
+    if data.get("planned") != "1":
+        planned = _continue_plan(jobs, files, record, data, on_chunk)
+        data = jobs.info(job_id)
+    return {"planned": planned, "requeued": requeue_missing(jobs, job_id, data)}
+
+
+def _rebuild(jobs: JobIndex, files: JobFiles, record: dict) -> dict:
+    """Index a job that Redis lost, from its files; its chunks recount from their results."""
+    last, planned = files.last_plan(), files.read_planned()
+    chunks, total = (planned["chunks"], planned["total"]) if planned else (last.chunk + 1, last.end) if last else (0, 0)
+    jobs.rebuild(files.job_id, record, chunks, total, planned is not None, files.is_cancelled())
+    log.warning("job %s: rebuilt its Redis index from %s (%d chunks)", files.job_id, files.dest.url, chunks)
+    return jobs.info(files.job_id)
+
+
+def _continue_plan(jobs: JobIndex, files: JobFiles, record: dict, data: dict,
+                   on_chunk: Callable[[int], None] | None) -> int:
+    """List the source after the last planned key and plan the rest; returns keys planned."""
+    if not planning_interrupted(data):
+        raise PlanningBusyError(
+            f"job {files.job_id} is still being planned by {data.get('planner')}; wait for it to end, "
+            "or stop that `clipmask submit` and run `clipmask resume` again")
+    last = files.last_plan()
+    chunk, total, after = (last.chunk + 1, last.end, last.keys[-1]) if last else (0, 0, None)
+    jobs.claim_planning(files.job_id, chunk, total)
+    cancelled = data.get("cancelled") == "1"  # then only the plan's end is written
+    keys = () if cancelled else image_keys(open_store(record["source"]), start_after=after)
+    return plan_chunks(jobs, files, record, keys, chunk, total, on_chunk) - total

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from worker.codecs import decode_image, encode_png, is_image_key, max_pixels, to_rgb
+from storage.layout import is_image_key
+from worker.codecs import decode_image, encode_png, max_pixels, to_rgb
 from worker.errors import ImageDecodeError, ImageError, ImageTooLargeError
 
 EXIF_ORIENTATION = 0x0112

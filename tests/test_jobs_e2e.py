@@ -299,22 +299,27 @@ def test_worker_refuses_gpus_this_machine_lacks(job_env):
     assert result.returncode == 2 and "no GPU [0] on this machine" in result.stderr
 
 
-def test_a_malformed_task_fails_its_images_with_the_reason_instead_of_hanging_the_job(
+def test_a_job_that_no_worker_can_mask_fails_its_images_with_the_reason_instead_of_hanging(
         bucket_with_inputs, job_env, start_worker, backend_app):
-    from tasks.jobs import JobStore, new_job_id
+    from storage import open_store
+    from tasks.jobfiles import JobFiles, PlanChunk
+    from tasks.jobs import JobIndex, new_job_id, now_iso
 
     app = backend_app
     bucket = bucket_with_inputs
     worker = start_worker()
-    jobs = JobStore.from_env()
-    # Given a job whose only task carries a spec no worker can use (say, from a mismatched client)
-    job_id = new_job_id()
-    jobs.create(job_id, f"s3://{bucket}/in/", f"s3://{bucket}/out/", {}, skip_existing=False)
-    jobs.add_planned(job_id, 2)
-    jobs.finish_planning(job_id)
-    app.send_task("clipmask.mask_chunk", queue=job_env["CLIPMASK_QUEUE"],
-                  args=(job_id, f"s3://{bucket}/in/", f"s3://{bucket}/out/", ["alpha.png", "photos/cat.jpg"],
-                        {"prompts": [], "threshold": 0.5}, False))
+    jobs = JobIndex.from_env()
+    # Given a job whose recorded spec no worker can use (say, written by a mismatched client)
+    job_id, dest = new_job_id(), f"s3://{bucket}/out/"
+    record = {"job_id": job_id, "source": f"s3://{bucket}/in/", "dest": dest, "skip_existing": False,
+              "spec": {"prompts": [], "threshold": 0.5}, "chunk_size": 2, "created_at": now_iso()}
+    files = JobFiles(open_store(dest), job_id)
+    files.write_job(record)
+    files.write_plan(PlanChunk(0, 0, ["alpha.png", "photos/cat.jpg"]))
+    files.write_planned(1, 2)
+    jobs.create(job_id, record)
+    jobs.finish_planning(job_id, 1, 2)
+    app.send_task("clipmask.mask_chunk", queue=job_env["CLIPMASK_QUEUE"], args=(job_id, 0, dest, 2))
     # Then both images fail with the reason, and the job finishes with its manifest
     status = wait_for(job_id, job_env, worker=worker)
     assert (status["failed"], status["succeeded"]) == (2, 0)

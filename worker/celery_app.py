@@ -1,4 +1,8 @@
-"""The Celery application. Settings come from ``celeryconfig``; tasks from ``tasks.masks``."""
+"""The Celery application. Settings come from ``celeryconfig``; tasks from ``tasks.masks``.
+
+Importing this module is cheap (no torch, no engine): ``clipmask submit`` and a web backend
+send tasks through it by name. The engine is loaded only in worker pool processes.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ import logging
 
 from celery import Celery, signals
 
-from . import lifecycle
 from .errors import ClipmaskError
 
 log = logging.getLogger(__name__)
@@ -18,6 +21,8 @@ app.config_from_object("celeryconfig")
 @signals.worker_process_init.connect
 def _load_engine(**_kwargs) -> None:
     """Load the model in each pool process as it starts, so the first task does not wait."""
+    from . import lifecycle
+
     try:
         lifecycle.setup()
     except ClipmaskError as err:

@@ -18,7 +18,6 @@ from .errors import ImageDecodeError, ImageTooLargeError
 #: Largest image accepted, in pixels (W*H), unless ``CLIPMASK_MAX_PIXELS`` says otherwise. A
 #: guard against decompression bombs: a tiny file that decodes to gigabytes.
 DEFAULT_MAX_PIXELS = 100_000_000
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 # clipmask applies its own, configurable limit in decode_image(); Pillow's fixed guard would refuse
 # (or warn about) images that CLIPMASK_MAX_PIXELS allows.
@@ -28,11 +27,6 @@ Image.MAX_IMAGE_PIXELS = None
 def max_pixels() -> int:
     """The decompression-bomb limit in pixels; raises ``ValueError`` naming the bad variable."""
     return env_int("CLIPMASK_MAX_PIXELS", DEFAULT_MAX_PIXELS)
-
-
-def is_image_key(key: str) -> bool:
-    """True for the file extensions clipmask reads (case-insensitive)."""
-    return key.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def decode_image(data: bytes, limit: int | None = None) -> Image.Image:

@@ -1,0 +1,86 @@
+"""Jobs heal themselves: chunks lost with a Redis restart, a dropped message or a dead worker
+are sent again, without a human.
+
+Every worker runs ``heal_jobs`` every ``heal_interval()`` seconds in a thread of its main process;
+a lock in Redis lets one worker per interval do it. A job is healed when none of its chunks has
+finished for a visibility timeout (``CLIPMASK_VISIBILITY_TIMEOUT``, longer than any task) and
+clipmask's queue is empty: then every queued chunk without a result is sent again (a duplicate of
+a chunk that was not lost returns at once), the window is filled again, or, if the job is
+complete, the finishing step is sent. A job whose planning was interrupted is healed as far as it
+was planned; ``clipmask resume`` plans the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from celery import bootsteps
+
+from worker.config import env_int
+
+from .jobs import JobIndex
+from .planning import requeue_missing
+from .queue import app, queued_messages
+
+log = logging.getLogger(__name__)
+
+
+def visibility_timeout() -> int:
+    return int(app.conf.broker_transport_options.get("visibility_timeout", 3600))
+
+
+def heal_interval() -> int:
+    """Seconds between checks: ``CLIPMASK_HEAL_INTERVAL``, else a quarter of the visibility
+    timeout, between 5 s and a minute."""
+    return env_int("CLIPMASK_HEAL_INTERVAL", min(60, max(5, visibility_timeout() // 4)))
+
+
+def heal_jobs(jobs: JobIndex, quiet_s: float, queued: Callable[[], int] = queued_messages) -> list[str]:
+    """Send again what the quiet, unfinished jobs miss; returns the ids of the jobs healed."""
+    healed, waiting = [], None
+    for job_id in jobs.active():
+        data = jobs.get(job_id)
+        if not data or data.get("manifest"):
+            jobs.forget(job_id)
+            continue
+        last = max(float(data.get(name) or 0) for name in ("created_ts", "last_progress", "healed_at"))
+        if time.time() - last < quiet_s:
+            continue
+        waiting = queued() if waiting is None else waiting
+        if waiting:
+            continue  # lost chunks are sent again once the queue has drained
+        sent = requeue_missing(jobs, job_id, data)
+        log.warning("job %s: no chunk finished for %.0fs; sent %d chunk(s) again%s", job_id, quiet_s, sent,
+                    "" if sent else " (none missing: finishing it)")
+        healed.append(job_id)
+    return healed
+
+
+class HealingStep(bootsteps.StartStopStep):
+    """A worker bootstep: runs ``heal_jobs`` in a daemon thread while the worker runs."""
+
+    def __init__(self, worker, **kwargs):
+        super().__init__(worker, **kwargs)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, worker) -> None:
+        self._thread = threading.Thread(target=self._loop, name="clipmask-healing", daemon=True)
+        self._thread.start()
+
+    def stop(self, worker) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        interval, quiet = heal_interval(), visibility_timeout()
+        jobs = None
+        while not self._stop.wait(interval):
+            try:
+                jobs = jobs or JobIndex.from_env()
+                if jobs.take_turn("heal", interval * 0.9):
+                    heal_jobs(jobs, quiet)
+            except Exception as err:  # noqa: BLE001 - Redis or the broker away: try next time
+                log.warning("healing check skipped: %s", err)

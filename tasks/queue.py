@@ -1,0 +1,41 @@
+"""Sending clipmask's tasks by name, from processes that never load the engine.
+
+Task messages are small and of fixed size: a job id, a chunk number, the job's destination URL
+(where its plan and spec live) and the chunk's key count. Nothing subscribes to their results:
+chunks report through the job's files and the Redis index, never through the result backend.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+from worker.celery_app import app
+
+MASK_CHUNK = "clipmask.mask_chunk"
+FINISH_JOB = "clipmask.finish_job"
+
+
+@contextmanager
+def producer() -> Iterator[object]:
+    """One broker connection for many sends (planning sends a message per chunk)."""
+    with app.producer_or_acquire() as prod:
+        yield prod
+
+
+def send_chunk(job_id: str, chunk: int, dest: str, size: int, prod=None) -> None:
+    app.send_task(MASK_CHUNK, args=(job_id, chunk, dest, size), ignore_result=True, producer=prod)
+
+
+def send_finish(job_id: str, dest: str) -> None:
+    app.send_task(FINISH_JOB, args=(job_id, dest), ignore_result=True)
+
+
+def queued_messages() -> int:
+    """Messages waiting in clipmask's queue (0 when the queue does not exist yet)."""
+    queue = app.conf.task_default_queue
+    with app.connection_for_write() as conn:
+        try:
+            return conn.default_channel.queue_declare(queue=queue, passive=True).message_count
+        except conn.channel_errors:
+            return 0
