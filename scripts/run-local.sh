@@ -13,10 +13,10 @@ DST=${2:-out}
 shift $(( $# > 2 ? 2 : $# )) || true
 PY=.venv/bin/python
 [ -d "$SRC" ] || [ "$SRC" != examples ] || $PY scripts/make_examples.py "$SRC"
-if ! $PY -c "from worker.model import check_model_available, model_reference as m; check_model_available(m())" 2>/tmp/clipmask-model-check; then
-  cat /tmp/clipmask-model-check >&2
-  echo "WARNING: using a RANDOM demo model (masks are meaningless); see README 'Model weights'." >&2
-  [ -f .demo-model/config.json ] || $PY -m worker.random_model .demo-model >/dev/null
+# A second at most (cache first, one short probe of the Hub), and one line when it falls back.
+if ! reason=$($PY -m worker.model_source 2>&1 >/dev/null); then
+  echo "WARNING: masks come from a RANDOM demo model and are meaningless ($reason); see README 'Model weights'." >&2
+  [ -f .demo-model/config.json ] || $PY -m worker.random_model .demo-model >/dev/null 2>&1
   export CLIPMASK_MODEL=$PWD/.demo-model
 fi
 exec .venv/bin/clipmask run "$SRC" --out "$DST" --prompt "${PROMPT:-a person|a dog}" --negative "${NEGATIVE:-background}" "$@"

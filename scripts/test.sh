@@ -1,13 +1,30 @@
 #!/usr/bin/env bash
-# The test command: set up .venv, make sure redis-server exists, run the whole suite.
-# The tests start their own redis-server and S3 (moto) servers on free ports; a Redis already
-# running on 6379 is left alone. Extra arguments go to pytest.
+# The test command: set up .venv, make sure redis-server and rabbitmq-server exist (and chromium,
+# best effort, for the preview page's screenshot test), run the whole suite.
+# The tests start their own redis-server, RabbitMQ node and S3 (moto) server on free ports; a
+# Redis or RabbitMQ already running on the default ports is left alone. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
+apt_updated=
+apt_install() {
+  [ -n "$apt_updated" ] || { $SUDO apt-get update -qq; apt_updated=1; }
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
 if ! command -v redis-server >/dev/null 2>&1; then
   echo "installing redis-server (the tests start their own on a free port)" >&2
-  SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
-  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  apt_install redis-server
 fi
-exec .venv/bin/python -m pytest -q "$@"
+if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ] && [ ! -x /usr/sbin/rabbitmq-server ] && ! command -v rabbitmq-server >/dev/null 2>&1; then
+  echo "installing rabbitmq-server (the tests start their own node on free ports)" >&2
+  apt_install rabbitmq-server
+  # The package starts a system node on 5672; the tests start their own (own name, cookie,
+  # config, ports): stop the system one so it holds no memory or CPU while they run.
+  $SUDO service rabbitmq-server stop >/dev/null 2>&1 || true
+fi
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "installing chromium (the preview page's screenshot test; skipped without it)" >&2
+  apt_install chromium || echo "could not install chromium: the screenshot test will be skipped" >&2
+fi
+.venv/bin/python -m pytest -q "$@"

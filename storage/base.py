@@ -97,6 +97,10 @@ class ObjectStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the object ``key``; removing a missing object is not an error."""
+
+    @abc.abstractmethod
     def exists(self, key: str) -> bool:
         """Return True if the object ``key`` exists (directories do not count)."""
 

@@ -108,6 +108,13 @@ class LocalStore(ObjectStore):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         return _write_atomic(path, chunks)
 
+    def delete(self, key: str) -> None:
+        """Remove the file ``key`` if it exists; PermissionError, IsADirectoryError from the filesystem."""
+        try:
+            os.unlink(self.url_for(key))
+        except FileNotFoundError:
+            pass
+
     def exists(self, key: str) -> bool:
         """Return True if ``key`` is an existing file; ValueError for a bad key."""
         return os.path.isfile(self.url_for(key))

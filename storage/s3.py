@@ -166,6 +166,17 @@ class S3Store(ObjectStore):
                 raise translate_s3_error(err, url) from err
             raise
 
+    def delete(self, key: str) -> None:
+        """Remove the object (S3 answers a missing key with success too).
+
+        Raises FileNotFoundError (missing bucket), PermissionError, ConnectionError (transient) or StorageError.
+        """
+        url = self.url_for(key)
+        try:
+            self._s3().delete_object(Bucket=self._bucket, Key=self._prefix + key)
+        except _BOTO_ERRORS as err:
+            raise translate_s3_error(err, url) from err
+
     def exists(self, key: str) -> bool:
         """Return True if the object exists (False also for a missing bucket).
 

@@ -1,7 +1,8 @@
-"""The ``clipmask`` command: run, submit, status, cancel, resume, worker.
+"""The ``clipmask`` command: run, submit, status, cancel, resume, preview, worker.
 
-Exit codes: 0 success; 1 some images failed (``run``) or the job is unknown (``status``);
-2 a usage or configuration error, with a message saying how to fix it.
+Exit codes (``EXIT_CODES``): 0 success; 1 some images failed (``run``) or the job is unknown
+(``status``, ``cancel``, ``resume``); 2 a usage or configuration error, with a message saying how
+to fix it.
 
 ``submit``, ``status``, ``cancel`` and ``resume`` never import torch or the engine.
 """
@@ -19,12 +20,40 @@ from worker.spec import DEFAULT_MAX_SIDE, PROFILES, MaskSpec
 from .planning import DEFAULT_CHUNK_SIZE
 from .redact import redact_url
 
-EPILOG = """configuration (environment):
+EXIT_CODES = """exit codes:
+  0  success
+  1  some images failed (run), or the job is unknown (status, cancel, resume)
+  2  a usage or configuration error: the message says what to change"""
+
+EPILOG = EXIT_CODES + """
+
+configuration (environment):
   CELERY_BROKER_URL, CELERY_RESULT_BACKEND   Redis URLs for queue and results
   CLIPMASK_MODEL                             HF model id or local directory (default CIDAS/clipseg-rd64-refined)
   AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION   boto3's own
   HF_HOME, HF_HUB_OFFLINE                    Hugging Face's own cache and offline switch
 storage arguments are s3://bucket/prefix URLs or local paths."""
+
+
+def at_least(low: int):
+    """An argparse type: a whole number >= ``low``, else an error naming the bound."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """Options every subcommand takes too, so that ``clipmask run ... -v`` works."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log every image")
+    return parent
 
 
 def _mask_options() -> argparse.ArgumentParser:
@@ -36,7 +65,7 @@ def _mask_options() -> argparse.ArgumentParser:
     group.add_argument("--normalize", action="store_true", help="stretch each image's mask to [0, 1] first")
     group.add_argument("--profile", choices=PROFILES, default="default",
                        help="default: fast, 352x352 backbone; masquerade: the seed node's exact recipe")
-    group.add_argument("--max-side", type=int, default=env_int("CLIPMASK_MAX_SIDE", DEFAULT_MAX_SIDE),
+    group.add_argument("--max-side", type=at_least(1), default=env_int("CLIPMASK_MAX_SIDE", DEFAULT_MAX_SIDE),
                        help=f"masquerade only: longest image side accepted (default {DEFAULT_MAX_SIDE})")
     group.add_argument("--blur", type=float, default=0.0, help="Gaussian sigma in pixels on the raw mask")
     group.add_argument("--grow", type=int, default=0, help="grow (or, negative, shrink) the mask by N pixels")
@@ -52,7 +81,7 @@ def _engine_options() -> argparse.ArgumentParser:
     group.add_argument("--model", help="HF model id or local directory (default: $CLIPMASK_MODEL)")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     group.add_argument("--precision", default="auto", help="auto (fp16 on CUDA), fp32, fp16 or bf16")
-    group.add_argument("--batch-size", type=int, help="images per backbone batch (default 4 on CPU, 32 on CUDA)")
+    group.add_argument("--batch-size", type=at_least(1), help="images per backbone batch (default 4 on CPU, 32 on CUDA)")
     return parent
 
 
@@ -61,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="clipmask", description="Text-prompted image masks (CLIPSeg) for folders and buckets.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log every image")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"clipmask {_version()}")
+    commands = _Commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     mask, engine = _mask_options(), _engine_options()
     run = commands.add_parser("run", parents=[mask, engine], help="mask SRC into DST in this process, no broker")
     submit = commands.add_parser("submit", parents=[mask], help="queue a job for Celery workers; prints the job id")
@@ -69,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("source", metavar="SRC", help="s3://bucket/prefix or a local folder of images")
         sub.add_argument("--out", required=True, metavar="DST", help="s3://bucket/prefix or a local folder")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
-    submit.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
+    submit.add_argument("--chunk-size", type=at_least(1), default=DEFAULT_CHUNK_SIZE,
                         help=f"images per task (default {DEFAULT_CHUNK_SIZE})")
     status = commands.add_parser("status", help="progress of a job")
     status.add_argument("job_id", metavar="JOB")
@@ -86,12 +116,41 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("job_id", metavar="JOB")
     resume.add_argument("--out", metavar="DST", help="the job's DST: only needed when Redis lost the job's "
                                                       "records, to rebuild them from DST/_jobs/JOB/")
+    preview = commands.add_parser(
+        "preview", help="write a static HTML page of a job's masks, to look at",
+        description="Write a static HTML page (index.html, thumbs/, overlays/) of a finished job: a random "
+                    "sample of images with their masks tinted over them, a coverage histogram, the failures.")
+    preview.add_argument("dest", metavar="DST", help="the job's --out: s3://bucket/prefix or a folder")
+    preview.add_argument("--job", dest="job_id", metavar="JOB", help="job id (default: the latest finished job)")
+    preview.add_argument("--out", dest="out_dir", metavar="DIR", help="local folder for the page (default ./preview-JOB)")
+    preview.add_argument("--limit", type=at_least(0), default=200, help="images sampled, failures listed, at most (default 200)")
+    preview.add_argument("--seed", type=int, default=0, help="seed of the random sample (default 0)")
     worker = commands.add_parser("worker", parents=[engine], help="start this machine's Celery workers",
                                  description="Start one worker process per GPU (one CPU process without GPUs). "
                                              "Other options are passed to `celery worker`.")
     worker.add_argument("--gpus", help="'all' (default when GPUs exist) or indices, e.g. 0,2")
     worker.add_argument("--loglevel", default="INFO")
     return parser
+
+
+class _Commands:
+    """Subparsers that all take the common options and show the exit codes in their help."""
+
+    def __init__(self, subparsers):
+        self.subparsers = subparsers
+
+    def add_parser(self, name: str, parents=(), **kwargs) -> argparse.ArgumentParser:
+        return self.subparsers.add_parser(name, parents=[*parents, _common_options()], epilog=EXIT_CODES,
+                                          formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("clipmask")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
 def spec_from_args(args: argparse.Namespace) -> MaskSpec:
@@ -116,17 +175,27 @@ def main(argv: list[str] | None = None) -> int:
     from redis import RedisError
 
     from . import commands
+    from .jobs import JobNotFoundError, redis_url
 
     try:
         return getattr(commands, args.command)(args, extra)
-    except (RedisError, OperationalError) as err:
-        print(redact_url(f"clipmask {args.command}: error: cannot reach Redis ({err}); check CELERY_BROKER_URL, "
-                         "CELERY_RESULT_BACKEND or CLIPMASK_REDIS_URL and that redis-server is running"),
-              file=sys.stderr)
-        return 2
+    except RedisError as err:
+        return _fail(args, f"cannot reach Redis at {redis_url()} ({err}); check CLIPMASK_REDIS_URL (else "
+                           "CELERY_RESULT_BACKEND, then CELERY_BROKER_URL) and that redis-server is running")
+    except OperationalError as err:
+        from .queue import broker_url
+
+        return _fail(args, f"cannot reach the broker at {broker_url()} ({err}); check CELERY_BROKER_URL and that "
+                           "the broker (redis-server or rabbitmq-server) is running")
+    except JobNotFoundError as err:
+        return _fail(args, str(err), code=1)
     except (ClipmaskError, ValueError, LookupError, OSError, RuntimeError) as err:
-        print(redact_url(f"clipmask {args.command}: error: {err}"), file=sys.stderr)
-        return 1 if isinstance(err, LookupError) and args.command == "status" else 2
+        return _fail(args, str(err))
+
+
+def _fail(args: argparse.Namespace, message: str, code: int = 2) -> int:
+    print(redact_url(f"clipmask {args.command}: error: {message}"), file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

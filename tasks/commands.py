@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 
 from tqdm import tqdm
@@ -114,6 +115,13 @@ def cancel(args: argparse.Namespace, _extra: list[str]) -> int:
     return 0
 
 
+def preview(args: argparse.Namespace, _extra: list[str]) -> int:
+    from .preview import write_preview
+
+    print(write_preview(args.dest, out_dir=args.out_dir, job_id=args.job_id, limit=args.limit, seed=args.seed))
+    return 0
+
+
 def worker(args: argparse.Namespace, extra: list[str]) -> int:
     """Exec-free: Celery runs in this process, so SIGTERM reaches it and shuts down warmly."""
     from worker.celery_app import app
@@ -128,9 +136,27 @@ def worker(args: argparse.Namespace, extra: list[str]) -> int:
         os.environ["CLIPMASK_BATCH_SIZE"] = str(args.batch_size)
     os.environ["CLIPMASK_PRECISION"] = args.precision
     check_model_available(model_reference())
+    _serve_metrics()
     app.worker_main(["worker", "--pool", "prefork", "--concurrency", str(len(devices)),
                      "--queues", app.conf.task_default_queue, "--loglevel", args.loglevel, *extra])
     return 0
+
+
+def _serve_metrics() -> None:
+    """With ``CLIPMASK_METRICS_PORT``, serve Prometheus metrics from this (the main) process."""
+    from worker.config import env_int
+
+    port = env_int("CLIPMASK_METRICS_PORT", 0)
+    if not port:
+        return
+    # Before prometheus_client is first imported, so that pool processes write their samples there.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="clipmask-metrics-")
+    from . import metrics
+
+    try:
+        metrics.serve(port)
+    except OSError as err:
+        raise OSError(f"CLIPMASK_METRICS_PORT={port}: cannot listen ({err}); choose a free port") from None
 
 
 def _worker_devices(args: argparse.Namespace) -> list[str]:

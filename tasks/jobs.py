@@ -172,7 +172,8 @@ class JobIndex:
         if not data:
             raise JobNotFoundError(
                 f"no job {job_id!r} in Redis at {redact_url(redis_url())}: check the id and that "
-                "CELERY_BROKER_URL / CLIPMASK_REDIS_URL point where it was submitted; a job whose "
+                "CLIPMASK_REDIS_URL (else CELERY_RESULT_BACKEND, else a redis:// CELERY_BROKER_URL) points "
+                "where it was submitted; a job whose "
                 "records Redis lost is rebuilt from storage by: clipmask resume JOB --out DST")
         return data
 

@@ -15,6 +15,7 @@ from .jobs import new_job_id, now_iso
 from .manifest import CountingLines, write_summary
 from .pipeline import Pipeline
 from .planning import NoImagesError, image_keys
+from .preflight import check_source, check_writable
 
 
 def run_local(source_url: str, dest_url: str, spec: MaskSpec, load_engine: Callable[[], MaskEngine], *,
@@ -26,10 +27,12 @@ def run_local(source_url: str, dest_url: str, spec: MaskSpec, load_engine: Calla
     images. Raises ``NoImagesError`` when it holds none.
     """
     source, dest = open_store(source_url), open_store(dest_url)
+    check_source(source)
     total = sum(1 for _ in image_keys(source))
     if not total:
         raise NoImagesError(source)
     engine = load_engine()
+    check_writable(dest)  # after the model, whose errors leave nothing behind; before any image
     run_id = new_job_id()
     record = {"source": source.url, "dest": dest.url, "spec": spec.to_dict(), "created_at": now_iso()}
     files, counter = JobFiles(dest, run_id), CountingLines()

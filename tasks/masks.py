@@ -8,7 +8,6 @@ bit in the job's bitmap goes from 0 to 1.
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from functools import lru_cache
 
@@ -22,7 +21,7 @@ from worker.celery_app import app
 from worker.errors import DeviceError, ModelUnavailableError
 from worker.spec import MaskSpec
 
-from . import healing
+from . import healing, metrics
 from .jobfiles import JobFiles, count_statuses
 from .jobs import JobIndex
 from .manifest import IncompleteJobError, write_job_manifest, write_summary
@@ -43,6 +42,11 @@ CHUNK_RETRIES = 8
 RETRY_BACKOFF_S = 5
 
 app.steps["worker"].add(healing.HealingStep)
+
+
+@signals.worker_process_shutdown.connect
+def _metrics_of_dead_process(pid=None, **_kwargs) -> None:
+    metrics.mark_process_dead(pid)
 
 
 @signals.after_setup_logger.connect
@@ -80,7 +84,7 @@ def mask_chunk(self, job_id: str, chunk: int, dest: str, size: int) -> dict:
         log.warning("[%s] transient failure, chunk retried in %ds: %s", context, _retry_delay(self.request.retries),
                     err)
         raise self.retry(exc=err, countdown=_retry_delay(self.request.retries))
-    log.info("[%s] chunk done: %s", context, counts)
+    (log.warning if counts.get("failed") else log.info)("[%s] chunk done: %s", context, counts)
     return counts
 
 

@@ -29,6 +29,8 @@ from worker.engine import MaskEngine, MaskResult
 from worker.outputs import encode_masks, encode_metadata, metadata_record, worker_identity
 from worker.spec import MaskSpec
 
+from . import metrics
+
 log = logging.getLogger(__name__)
 
 #: Threads for reading, decoding, preprocessing, encoding and writing: enough to hide storage
@@ -76,6 +78,7 @@ class Pipeline:
         self.skip_existing = skip_existing
         self.context = context  # e.g. "job 1f2e task 9a8b", prefixed to every log line
         self.worker = worker_identity(str(engine.device))
+        self.labels = {"model": str(engine.model_info.get("id", "")), "device": str(engine.device)}
 
     def run(self, keys: Iterable[str]) -> Iterator[Outcome]:
         """Yield one ``Outcome`` per key, in the order of ``keys``."""
@@ -87,9 +90,13 @@ class Pipeline:
                 for item in batch:
                     outcomes.append(_resolved(item.outcome) if item.outcome is not None else next(saves))
                 while len(outcomes) > 2 * self.engine.batch_size:
-                    yield outcomes.popleft().result()
+                    yield self._observed(outcomes.popleft().result())
             while outcomes:
-                yield outcomes.popleft().result()
+                yield self._observed(outcomes.popleft().result())
+
+    def _observed(self, outcome: Outcome) -> Outcome:
+        metrics.observe_outcome(outcome.status, self.labels, (outcome.metadata or {}).get("timings_ms"))
+        return outcome
 
     def _loaded_batches(self, pool: ThreadPoolExecutor, keys: Iterable[str]) -> Iterator[list[_Loaded]]:
         """Batches of loaded inputs, reading up to two batches ahead of inference."""
@@ -128,6 +135,7 @@ class Pipeline:
         try:
             results = self.engine.predict([item.image for item in items], self.spec,
                                           [item.pixels for item in items])
+            metrics.observe_batch(len(items), self.labels)
             return list(zip(items, results, strict=True))
         except Exception as err:  # noqa: BLE001 - isolate the culprit below
             if len(items) == 1:

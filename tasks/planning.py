@@ -8,6 +8,7 @@ then the message: whatever is interrupted, ``resume_job`` (``clipmask resume``) 
 from __future__ import annotations
 
 import logging
+import time
 from itertools import chain, islice
 from typing import Callable, Iterable, Iterator
 
@@ -18,7 +19,8 @@ from worker.spec import MaskSpec
 
 from .jobfiles import JobFiles, PlanChunk
 from .jobs import DEFAULT_WINDOW, JobIndex, new_job_id, now_iso, planning_interrupted
-from .queue import producer, send_chunk, send_finish
+from .preflight import check_source, check_writable
+from .queue import check_broker, producer, send_chunk, send_finish
 from .readahead import ordered_map
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,9 @@ log = logging.getLogger(__name__)
 DEFAULT_CHUNK_SIZE = 64
 #: Plan files written at once: an S3 PUT takes milliseconds, a planner writes thousands.
 PLAN_WRITERS = 8
+#: Seconds between the planner's updates of the index (chunks planned, heartbeat, cancelled?):
+#: one Redis round trip per chunk would cost more than writing the chunk's plan.
+INDEX_EVERY_S = 0.05
 
 
 class NoImagesError(LookupError):
@@ -66,6 +71,9 @@ def submit_job(source_url: str, dest_url: str, spec: MaskSpec, *, chunk_size: in
     if chunk_size < 1:
         raise ValueError(f"--chunk-size must be at least 1, got {chunk_size}")
     source, dest = open_store(source_url), open_store(dest_url)
+    check_source(source)
+    check_writable(dest)
+    check_broker()
     job_id = new_job_id()
     if on_named:
         on_named(job_id)
@@ -103,12 +111,16 @@ def plan_chunks(jobs: JobIndex, files: JobFiles, record: dict, keys: Iterable[st
         return plan
 
     with producer() as prod:
+        indexed_at = 0.0
         for plan in ordered_map(write, numbered(chunk, total), window=PLAN_WRITERS):
             chunk, total = plan.chunk + 1, plan.end
-            cancelled, claims = jobs.plan_chunk(job_id, chunk, total)
-            send_claims(job_id, dest, claims, prod)
             if on_chunk:
                 on_chunk(len(plan.keys))
+            if time.monotonic() - indexed_at < INDEX_EVERY_S:
+                continue  # the index learns of this chunk with a later one, or at the end
+            indexed_at = time.monotonic()
+            cancelled, claims = jobs.plan_chunk(job_id, chunk, total)
+            send_claims(job_id, dest, claims, prod)
             if cancelled:
                 log.info("job %s cancelled while planning: %d keys planned", job_id, total)
                 break

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from typing import Iterator
+from urllib.parse import urlparse
 
 from worker.celery_app import app
 
@@ -21,6 +22,28 @@ def producer() -> Iterator[object]:
     """One broker connection for many sends (planning sends a message per chunk)."""
     with app.producer_or_acquire() as prod:
         yield prod
+
+
+#: Broker URL schemes clipmask is tested with.
+BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp")
+
+
+def broker_url() -> str:
+    return str(app.conf.broker_url)
+
+
+def check_broker() -> None:
+    """Fail fast, before a job is recorded, when the broker URL is malformed or unreachable.
+
+    Raises ``ValueError`` naming ``CELERY_BROKER_URL`` for a malformed URL, kombu's
+    ``OperationalError`` when the broker does not answer."""
+    url = broker_url()
+    parsed = urlparse(url)
+    if parsed.scheme not in BROKER_SCHEMES or not parsed.hostname:
+        raise ValueError(f"CELERY_BROKER_URL {url!r} is not a broker URL: expected redis://host:6379/0 or "
+                         "amqp://user:password@host:5672//")
+    with app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, timeout=5)
 
 
 def send_chunk(job_id: str, chunk: int, dest: str, size: int, prod=None) -> None:

@@ -73,3 +73,23 @@ def engine(tiny_model):
     from worker.engine import MaskEngine
 
     return MaskEngine.load(tiny_model, device="cpu", batch_size=3)
+
+
+# --- workers ---------------------------------------------------------------
+
+
+@pytest.fixture
+def workers(tmp_path):
+    """Start ``clipmask worker`` processes: ``workers(env, name)``; all killed at the end."""
+    from tests.processes import Worker
+
+    started: list[Worker] = []
+
+    def start(env: dict, name: str = "w") -> Worker:
+        worker = Worker(env, tmp_path / f"{name}-{len(started)}.log", f"{name}{len(started)}-{uuid.uuid4().hex[:6]}")
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop_quietly()

@@ -336,3 +336,35 @@ def test_client_job_handle_waits_for_the_manifest(bucket_with_inputs, start_work
     status = job.wait(timeout=120, interval=0.2)
     assert (status["state"], status["succeeded"], status["failed"]) == ("finished", 4, 1), worker.log()
     assert read_object(bucket, f"client/_jobs/{job.job_id}/manifest.jsonl").count(b"\n") == 5
+
+
+TORCH_BLOCKED = """
+import sys
+class NoGPUSide:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "transformers") or name in ("worker.engine", "worker.lifecycle"):
+            raise ImportError(f"the job side imported {name}")
+sys.meta_path.insert(0, NoGPUSide())
+from tasks.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_submit_status_cancel_and_resume_run_without_the_gpu_side(bucket_with_inputs, job_env):
+    import subprocess
+    import sys
+
+    def job_side(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", TORCH_BLOCKED, *args], env=job_env, capture_output=True,
+                              text=True, timeout=120)
+
+    # Given a Python where importing torch, transformers or the engine fails
+    bucket = bucket_with_inputs
+    submitted = job_side("submit", f"s3://{bucket}/in/", "--out", f"s3://{bucket}/out/", "--prompt", "dog")
+    # Then the job-side commands all work
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().splitlines()[-1]
+    for args in (["status", job_id, "--json"], ["resume", job_id], ["cancel", job_id], ["status", job_id]):
+        result = job_side(*args)
+        assert result.returncode == 0, (args, result.stderr)
+    assert "cancelled" in result.stdout

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import signal
 import subprocess
@@ -21,7 +20,7 @@ import pytest
 import redis
 from PIL import Image
 
-from tests.processes import CLIPMASK, REPO, Worker, clipmask, job_status, wait_for
+from tests.processes import CLIPMASK, REPO, clipmask, job_status, wait_for
 from tests.services import FaultyProxy, RedisServer
 
 #: Healing settings that fit a test: redelivery and healing after 20 s without progress.
@@ -65,20 +64,6 @@ def env_of(tiny_model, s3_env):
                 "CLIPMASK_MODEL": tiny_model, "CLIPMASK_QUEUE": f"test-{uuid.uuid4().hex[:8]}",
                 "HF_HUB_OFFLINE": "1", **extra}
     return make
-
-
-@pytest.fixture
-def workers(tmp_path):
-    started: list[Worker] = []
-
-    def start(env: dict, name: str = "w") -> Worker:
-        worker = Worker(env, tmp_path / f"{name}-{len(started)}.log", f"{name}{len(started)}-{uuid.uuid4().hex[:6]}")
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in started:
-        worker.stop_quietly()
 
 
 def submit(src, out, env: dict, *extra: str) -> str:

@@ -117,6 +117,15 @@ def test_exists_tells_written_from_missing(store):
     assert store.exists("absent.jpg") is False
 
 
+def test_delete_removes_an_object_and_forgives_a_missing_one(store):
+    store.write_bytes("probe/a.txt", b"x")
+    store.write_bytes("probe/b.txt", b"y")
+    store.delete("probe/a.txt")
+    store.delete("probe/never-written.txt")
+    assert not store.exists("probe/a.txt") and store.read_bytes("probe/b.txt") == b"y"
+    assert list(store.list("probe/")) == ["probe/b.txt"]
+
+
 # --- listing ---------------------------------------------------------------
 
 KEYS = ["a-b", "a/c", "a/d/e", "a0", "b/x.jpg", "b/y.jpg", "ba/z.jpg", "z"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,11 +16,9 @@ from transformers import utils as hf_utils
 from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor
 
 from .errors import ModelUnavailableError
+from .model_source import DEFAULT_MODEL, locate, model_reference  # noqa: F401 - model_reference re-exported
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
-MODEL_ENV = "CLIPMASK_MODEL"
 
 HOW_TO_GET_WEIGHTS = (
     "To provide the weights: on a machine with internet access run "
@@ -41,41 +38,34 @@ class LoadedModel:
     revision: str
 
 
-def model_reference(explicit: str | None = None) -> str:
-    """``--model`` if given, else ``$CLIPMASK_MODEL``, else the default checkpoint."""
-    return explicit or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
-
-
-def check_model_available(ref: str) -> None:
-    """Cheaply check (config only, no weights) that ``ref`` resolves; raises ``ModelUnavailableError``."""
-    local = Path(ref).expanduser()
+def check_model_available(ref: str) -> tuple[str, bool]:
+    """Cheaply check (one small file, no weights) that ``ref`` can be had; returns where to load
+    it from and whether it is all local. Raises ``ModelUnavailableError`` saying how to provide it."""
     try:
-        CLIPSegConfig.from_pretrained(str(local) if local.is_dir() else ref)
-    except (OSError, ValueError) as err:
+        source, local = locate(ref)
+        CLIPSegConfig.from_pretrained(source, local_files_only=local)
+    except (LookupError, OSError, ValueError) as err:
         raise _unavailable("find", ref, err) from err
+    return source, local
 
 
 def load_model(ref: str, device: torch.device, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load model and processor; raises ``ModelUnavailableError`` saying how to get the weights."""
+    """Load model and processor; raises ``ModelUnavailableError`` saying how to get the weights.
+
+    A model already in the Hugging Face cache loads without asking the Hub (no network round
+    trips or retries when offline); one that is not is downloaded."""
     local = Path(ref).expanduser()
-    if _looks_like_path(ref) and not local.is_dir():
-        raise ModelUnavailableError(f"model directory {ref!r} does not exist. " + _how_to())
-    source = str(local) if local.is_dir() else ref
-    check_model_available(ref)  # one small file first: fail in seconds, not after every file times out
+    source, offline = check_model_available(ref)  # one small file first: fail in seconds, not after retries
     hf_utils.logging.disable_progress_bar()  # one line per weight file is noise in worker logs
     try:
-        processor = CLIPSegProcessor.from_pretrained(source)
-        model = CLIPSegForImageSegmentation.from_pretrained(source, dtype=dtype)
+        processor = CLIPSegProcessor.from_pretrained(source, local_files_only=offline)
+        model = CLIPSegForImageSegmentation.from_pretrained(source, dtype=dtype, local_files_only=offline)
     except (OSError, ValueError) as err:
         raise _unavailable("load", ref, err) from err
     model = model.to(device).eval()
     model.requires_grad_(False)
     log.info("loaded model %s on %s (%s)", ref, device, dtype)
     return LoadedModel(model, processor, ref, _revision(model, local))
-
-
-def _looks_like_path(ref: str) -> bool:
-    return ref.startswith((".", "/", "~")) or ref.count("/") > 1
 
 
 def _unavailable(verb: str, ref: str, err: Exception) -> ModelUnavailableError:
