@@ -15,7 +15,7 @@ that of the sample and says so. On S3 the manifest is read as one object (``Obje
 streaming read): its bytes are held, never its rows. One unreadable image, mask or metadata file
 becomes a card with its error; it never stops the page.
 
-This is job-side code: Pillow, numpy and ``storage`` only (no torch, no ``worker``).
+This is job-side code: Pillow, numpy, ``storage`` and ``worker.codecs`` only (no torch, no engine).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from storage import LocalStore, ObjectStore, open_store, parse_url
 from storage.layout import JOBS_PREFIX, METADATA_SUFFIX, job_keys
+from worker.codecs import to_rgb  # Pillow and numpy only: no torch
 
 from .preview_page import render_page
 
@@ -291,17 +292,6 @@ class Card:
     note: str | None = None
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any mode to 8-bit RGB (alpha dropped, 16-bit grey scaled), as clipmask's decoder does."""
-    if image.mode in _HIGH_BIT_MODES:
-        values = np.asarray(image, dtype=np.float64)
-        scale = 255.0 / 65535.0 if values.max(initial=0) <= 65535 else 255.0 / 4294967295.0
-        image = Image.fromarray(np.clip(np.round(values * scale), 0, 255).astype(np.uint8), "L")
-    elif image.mode == "F":
-        image = Image.fromarray(np.clip(np.asarray(image) * 255.0, 0, 255).round().astype(np.uint8), "L")
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
 def _open_image(data: bytes, side: int, what: str) -> tuple[Image.Image, tuple[int, int]]:
     """Decode ``data`` (refusing decompression bombs) and return it with its stored size.
 
@@ -322,14 +312,14 @@ def thumbnail(data: bytes, side: int = THUMB_SIDE) -> tuple[Image.Image, tuple[i
     image, size = _open_image(data, side, "the image")
     if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that swap the sides
         size = size[::-1]
-    image = _to_rgb(ImageOps.exif_transpose(image))
+    image = to_rgb(ImageOps.exif_transpose(image))
     image.thumbnail((side, side), Image.Resampling.LANCZOS)
     return image, size
 
 
 def overlay(image: Image.Image, mask: Image.Image) -> Image.Image:
     """``image`` tinted red where ``mask`` is on (>= 128 once resized), with a 1-px outline."""
-    mask = mask if mask.mode == "L" else _to_rgb(mask).convert("L")
+    mask = mask if mask.mode == "L" else to_rgb(mask).convert("L")
     on = np.asarray(mask.resize(image.size, Image.Resampling.BILINEAR)) >= 128
     pixels = np.asarray(image, dtype=np.float32).copy()
     pixels[on] = pixels[on] * (1 - TINT_ALPHA) + np.asarray(TINT, np.float32) * TINT_ALPHA

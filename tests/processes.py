@@ -63,6 +63,18 @@ class Worker:
             self._log.close()
 
 
+def kill_mid_task(worker: Worker, timeout: float = 120) -> set[str]:
+    """Wait until ``worker`` is in the middle of a task, then SIGKILL it; returns the ids of the
+    tasks it held."""
+    deadline = time.monotonic() + timeout
+    while not worker.in_flight() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    worker.kill()
+    held = worker.in_flight()
+    assert held, worker.log()
+    return held
+
+
 def job_status(job_id: str, env: dict) -> dict:
     result = clipmask("status", job_id, "--json", env=env, timeout=60)
     assert result.returncode == 0, result.stderr

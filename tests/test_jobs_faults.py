@@ -20,7 +20,7 @@ import pytest
 import redis
 from PIL import Image
 
-from tests.processes import CLIPMASK, REPO, clipmask, job_status, wait_for
+from tests.processes import CLIPMASK, REPO, clipmask, job_status, kill_mid_task, wait_for
 from tests.services import FaultyProxy, RedisServer
 
 #: Healing settings that fit a test: redelivery and healing after 20 s without progress.
@@ -171,12 +171,7 @@ def test_three_killed_workers_lose_no_image(tmp_path, redis_url, env_of, workers
     job_id = submit(src, out, env, "--chunk-size", "1")
     # Given a job, and three workers each killed with SIGKILL in the middle of a task
     for _ in range(3):
-        doomed = workers(env, "doomed")
-        deadline = time.monotonic() + 120
-        while not doomed.in_flight() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        doomed.kill()
-        assert doomed.in_flight(), doomed.log()
+        kill_mid_task(workers(env, "doomed"))
     # When a last worker comes up
     rescuer = workers(env, "rescuer")
     status = wait_for(job_id, env, worker=rescuer, timeout=180)

@@ -8,13 +8,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
 import redis
 
-from tests.processes import REPO, clipmask, wait_for
+from tests.processes import REPO, clipmask, kill_mid_task, wait_for
 from tests.services import RabbitServer
 from tests.test_jobs_faults import assert_each_input_once, images_in, manifest_rows, submit
 
@@ -93,13 +92,7 @@ def test_killed_workers_lose_no_image_with_rabbitmq(tmp_path, env, workers):
     # Given a job, and two workers each killed with SIGKILL in the middle of a task
     lost: set[str] = set()
     for _ in range(2):
-        doomed = workers(env, "doomed")
-        deadline = time.monotonic() + 120
-        while not doomed.in_flight() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        doomed.kill()
-        assert doomed.in_flight(), doomed.log()
-        lost |= doomed.in_flight()
+        lost |= kill_mid_task(workers(env, "doomed"))
     # When a last worker comes up
     rescuer = workers(env, "rescuer")
     status = wait_for(job_id, env, worker=rescuer, timeout=180)
