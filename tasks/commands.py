@@ -110,7 +110,7 @@ def cancel(args: argparse.Namespace, _extra: list[str]) -> int:
     data, idle = JobIndex.from_env().cancel(args.job_id)
     JobFiles(open_store(data["dest"]), args.job_id).mark_cancelled(now_iso())
     if idle:  # no chunk in flight to finish it
-        send_finish(args.job_id, data["dest"])
+        send_finish(args.job_id, data["dest"], data.get("queue"))
     print(f"job {args.job_id} cancelled; images still queued will be recorded as skipped")
     return 0
 

@@ -7,7 +7,8 @@ finished for a visibility timeout (``CLIPMASK_VISIBILITY_TIMEOUT``, longer than 
 clipmask's queue is empty: then every queued chunk without a result is sent again (a duplicate of
 a chunk that was not lost returns at once), the window is filled again, or, if the job is
 complete, the finishing step is sent. A job whose planning was interrupted is healed as far as it
-was planned; ``clipmask resume`` plans the rest.
+was planned; ``clipmask resume`` plans the rest. Workers heal only the jobs of their own queue
+(``CLIPMASK_QUEUE``), and messages go to the job's queue.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from worker.config import env_int
 
 from .jobs import JobIndex
 from .planning import requeue_missing
-from .queue import app, queued_messages
+from .queue import app, default_queue, queued_messages
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ def heal_jobs(jobs: JobIndex, quiet_s: float, queued: Callable[[], int] = queued
         if not data or data.get("manifest"):
             jobs.forget(job_id)
             continue
+        if data.get("queue", default_queue()) != default_queue():
+            continue  # another pool's job: its own workers heal it
         last = max(float(data.get(name) or 0) for name in ("created_ts", "last_progress", "healed_at"))
         if time.time() - last < quiet_s:
             continue

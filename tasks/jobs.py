@@ -3,7 +3,7 @@
 Storage holds the job's record (``tasks/jobfiles.py``); Redis holds, per job, only what stays
 small whatever the job's size, so that it can be lost and rebuilt (``clipmask resume``):
 
-- ``clipmask:job:{id}``        hash: source, dest, spec, created_at, chunk_size, window, chunks and
+- ``clipmask:job:{id}``        hash: source, dest, spec, queue, created_at, chunk_size, window, chunks and
                                total (planned so far), sent (chunks queued so far, see
                                ``jobscripts``), planned (0/1), cancelled (0/1), planner (host:pid)
                                and planner_beat while planning, succeeded / failed / skipped /
@@ -114,6 +114,7 @@ class JobIndex:
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self._key(job_id), mapping={
                 "source": record["source"], "dest": record["dest"], "spec": json.dumps(record["spec"]),
+                **({"queue": record["queue"]} if record.get("queue") else {}),
                 "created_at": record["created_at"], "chunk_size": record["chunk_size"],
                 "window": record.get("window") or env_int("CLIPMASK_JOB_WINDOW", DEFAULT_WINDOW),
                 "chunks": 0, "total": 0, "sent": 0, "planned": 0, "cancelled": 0, "chunks_done": 0,

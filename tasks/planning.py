@@ -20,7 +20,7 @@ from worker.spec import MaskSpec
 from .jobfiles import JobFiles, PlanChunk
 from .jobs import DEFAULT_WINDOW, JobIndex, new_job_id, now_iso, planning_interrupted
 from .preflight import check_source, check_writable
-from .queue import check_broker, producer, send_chunk, send_finish
+from .queue import check_broker, default_queue, producer, send_chunk, send_finish
 from .readahead import ordered_map
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def submit_job(source_url: str, dest_url: str, spec: MaskSpec, *, chunk_size: in
         raise NoImagesError(source)
     record = {"job_id": job_id, "source": source.url, "dest": dest.url, "spec": spec.to_dict(),
               "skip_existing": skip_existing, "chunk_size": chunk_size, "created_at": now_iso(),
-              "window": env_int("CLIPMASK_JOB_WINDOW", DEFAULT_WINDOW)}
+              "window": env_int("CLIPMASK_JOB_WINDOW", DEFAULT_WINDOW), "queue": default_queue()}
     files = JobFiles(dest, job_id)
     files.write_job(record)
     jobs = jobs or JobIndex.from_env()
@@ -132,10 +132,10 @@ def plan_chunks(jobs: JobIndex, files: JobFiles, record: dict, keys: Iterable[st
     return total
 
 
-def send_claims(job_id: str, dest: str, claims: list[tuple[int, int]], prod=None) -> None:
+def send_claims(job_id: str, dest: str, claims: list[tuple[int, int]], prod=None, queue: str | None = None) -> None:
     """Queue the chunks the index handed out: (chunk number, keys in it) pairs."""
     for chunk, size in claims:
-        send_chunk(job_id, chunk, dest, size, prod)
+        send_chunk(job_id, chunk, dest, size, prod, queue)
 
 
 def requeue_missing(jobs: JobIndex, job_id: str, data: dict) -> int:
@@ -145,9 +145,9 @@ def requeue_missing(jobs: JobIndex, job_id: str, data: dict) -> int:
     missing = [(n, chunk_size_of(data, n)) for n in jobs.missing_chunks(job_id, int(data.get("sent", 0)))]
     claims = missing + jobs.feed(job_id)
     with producer() as prod:
-        send_claims(job_id, data["dest"], claims, prod)
+        send_claims(job_id, data["dest"], claims, prod, data.get("queue"))
     if not claims and data.get("planned") == "1":
-        send_finish(job_id, data["dest"])
+        send_finish(job_id, data["dest"], data.get("queue"))
     jobs.set_healed(job_id)
     return len(claims)
 

@@ -46,17 +46,22 @@ def check_broker() -> None:
         conn.ensure_connection(max_retries=1, timeout=5)
 
 
-def send_chunk(job_id: str, chunk: int, dest: str, size: int, prod=None) -> None:
-    app.send_task(MASK_CHUNK, args=(job_id, chunk, dest, size), ignore_result=True, producer=prod)
+def default_queue() -> str:
+    return str(app.conf.task_default_queue)
 
 
-def send_finish(job_id: str, dest: str) -> None:
-    app.send_task(FINISH_JOB, args=(job_id, dest), ignore_result=True)
+def send_chunk(job_id: str, chunk: int, dest: str, size: int, prod=None, queue: str | None = None) -> None:
+    """Queue one chunk, on ``queue`` (the job's) or else this process's default queue."""
+    app.send_task(MASK_CHUNK, args=(job_id, chunk, dest, size), ignore_result=True, producer=prod, queue=queue)
+
+
+def send_finish(job_id: str, dest: str, queue: str | None = None) -> None:
+    app.send_task(FINISH_JOB, args=(job_id, dest), ignore_result=True, queue=queue)
 
 
 def queued_messages() -> int:
     """Messages waiting in clipmask's queue (0 when the queue does not exist yet)."""
-    queue = app.conf.task_default_queue
+    queue = default_queue()
     with app.connection_for_write() as conn:
         try:
             return conn.default_channel.queue_declare(queue=queue, passive=True).message_count
