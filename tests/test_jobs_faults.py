@@ -212,3 +212,23 @@ def test_no_password_or_secret_key_appears_anywhere(tmp_path, env_of, workers):
         text = "\n".join(outputs)
         assert "manifest" in text and job_id in text
         assert password not in text and secret not in text
+
+
+def test_a_job_whose_redis_records_were_lost_is_rebuilt_from_storage(tmp_path, redis_url, env_of, workers):
+    src, out = tmp_path / "in", tmp_path / "out"
+    keys = images_in(src, 12)
+    env = env_of(redis_url)
+    # Given a worker in the middle of a job
+    worker = workers(env)
+    job_id = submit(src, out, env, "--chunk-size", "2")
+    wait_for(job_id, env, done=4, worker=worker)
+    # When Redis loses everything (a restart without persistence): records, queue, counters
+    for db in (0, 1):
+        redis.Redis.from_url(env["CELERY_BROKER_URL"].rsplit("/", 1)[0] + f"/{db}").flushdb()
+    assert clipmask("status", job_id, env=env).returncode == 1
+    # Then `clipmask resume JOB --out DST` rebuilds the job from its files and it finishes
+    resumed = clipmask("resume", job_id, "--out", str(out), env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    status = wait_for(job_id, env, worker=worker, timeout=180)
+    assert (status["state"], status["succeeded"], status["total"]) == ("finished", 12, 12), worker.log()
+    assert_each_input_once(manifest_rows(out, job_id), {str(src / key) for key in keys})
