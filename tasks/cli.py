@@ -80,7 +80,9 @@ def _engine_options() -> argparse.ArgumentParser:
     group = parent.add_argument_group("model and device")
     group.add_argument("--model", help="HF model id or local directory (default: $CLIPMASK_MODEL)")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    group.add_argument("--precision", default="auto", help="auto (fp16 on CUDA), fp32, fp16 or bf16")
+    group.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16", "int8"),
+                       help="auto (fp16 on CUDA, fp32 on CPU); fp32, fp16 or bf16 on CUDA; fp32, int8 or bf16 on "
+                            "CPU (int8: the vision encoder quantised, about 2x faster)")
     group.add_argument("--batch-size", type=at_least(1), help="images per backbone batch (default 4 on CPU, 32 on CUDA)")
     return parent
 

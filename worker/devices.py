@@ -49,13 +49,38 @@ def default_batch_size(device: torch.device) -> int:
     return DEFAULT_BATCH_SIZE[device.type]
 
 
-def resolve_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
-    """``auto`` is fp16 on CUDA and fp32 on CPU; raises ``DeviceError`` for half precision on CPU."""
-    choices = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: ``--precision`` values; ``auto`` is fp16 on CUDA and fp32 on CPU.
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
+#: The dtype ``load_model`` is asked for. ``int8`` loads fp32 weights and then quantises the vision
+#: encoder's Linear layers dynamically (int8 weights, activations quantised per batch).
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.qint8}
+
+
+def resolve_precision(device: torch.device, precision: str = "auto") -> str:
+    """The precision name (``fp32``, ``fp16``, ``bf16`` or ``int8``) for ``device``.
+
+    Raises ``DeviceError`` for an unknown value, fp16 on CPU (no fast fp16 matmuls there) and int8
+    on CUDA (dynamic quantisation runs on the CPU only). Touches no device: checks ``device.type``.
+    """
+    if precision not in PRECISIONS:
+        raise DeviceError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if precision not in choices:
-        raise DeviceError(f"--precision must be auto, fp32, fp16 or bf16, got {precision!r}")
-    if device.type == "cpu" and precision != "fp32":
-        raise DeviceError(f"--precision {precision} needs a CUDA device; use fp32 (or auto) on cpu")
-    return choices[precision]
+        return "fp16" if device.type == "cuda" else "fp32"
+    if device.type == "cpu" and precision == "fp16":
+        raise DeviceError("--precision fp16 is not supported on cpu (fp16 matmuls there are slow or missing); "
+                          "use fp32 (auto), int8 (faster, quantised) or bf16 on cpu")
+    if device.type == "cuda" and precision == "int8":
+        raise DeviceError("--precision int8 is CPU-only (dynamic quantisation); use fp16 (or auto) on cuda")
+    return precision
+
+
+def resolve_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """The dtype to load the model in: ``auto`` is fp16 on CUDA and fp32 on CPU; ``int8`` (CPU
+    only) is ``torch.qint8``, which ``load_model`` reads as "fp32, vision encoder quantised".
+    Raises ``DeviceError`` as ``resolve_precision`` does."""
+    return _DTYPES[resolve_precision(device, precision)]
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """The ``--precision`` name of a ``resolve_dtype`` result (for logs and model info)."""
+    return {dtype_: name for name, dtype_ in _DTYPES.items()}.get(dtype, str(dtype).removeprefix("torch."))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from transformers import utils as hf_utils
 from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor
 
+from .devices import precision_name
 from .errors import ModelUnavailableError
 from .model_source import DEFAULT_MODEL, locate, model_reference  # noqa: F401 - model_reference re-exported
 
@@ -26,6 +28,8 @@ HOW_TO_GET_WEIGHTS = (
     "cache here and set HF_HOME to it with HF_HUB_OFFLINE=1; or save the model with "
     "save_pretrained() into a directory and point CLIPMASK_MODEL (or --model) at that directory."
 )
+#: transformers' QuickGELUActivation: x * sigmoid(1.702 x).
+QUICK_GELU_SCALE = 1.702
 
 
 @dataclass
@@ -36,6 +40,8 @@ class LoadedModel:
     processor: CLIPSegProcessor
     model_id: str
     revision: str
+    #: ``fp32``, ``fp16``, ``bf16`` or ``int8`` (fp32 with the vision encoder's Linear layers quantised).
+    precision: str = "fp32"
 
 
 def check_model_available(ref: str) -> tuple[str, bool]:
@@ -53,7 +59,12 @@ def load_model(ref: str, device: torch.device, dtype: torch.dtype = torch.float3
     """Load model and processor; raises ``ModelUnavailableError`` saying how to get the weights.
 
     A model already in the Hugging Face cache loads without asking the Hub (no network round
-    trips or retries when offline); one that is not is downloaded."""
+    trips or retries when offline); one that is not is downloaded. ``dtype`` is the weights' dtype;
+    ``torch.qint8`` (CPU only) loads fp32 weights and quantises the vision encoder (see
+    ``quantize_vision_encoder``); text encoder and decoder stay fp32."""
+    quantize = dtype == torch.qint8
+    if quantize:
+        dtype = torch.float32
     local = Path(ref).expanduser()
     source, offline = check_model_available(ref)  # one small file first: fail in seconds, not after retries
     hf_utils.logging.disable_progress_bar()  # one line per weight file is noise in worker logs
@@ -64,8 +75,49 @@ def load_model(ref: str, device: torch.device, dtype: torch.dtype = torch.float3
         raise _unavailable("load", ref, err) from err
     model = model.to(device).eval()
     model.requires_grad_(False)
-    log.info("loaded model %s on %s (%s)", ref, device, dtype)
-    return LoadedModel(model, processor, ref, _revision(model, local))
+    if quantize:
+        quantize_vision_encoder(model)
+    precision = "int8" if quantize else precision_name(dtype)
+    log.info("loaded model %s on %s (%s)", ref, device, precision)
+    return LoadedModel(model, processor, ref, _revision(model, local), precision)
+
+
+def quantize_vision_encoder(model: CLIPSegForImageSegmentation) -> None:
+    """Dynamic int8 quantisation, in place, of every ``nn.Linear`` in the CLIP vision encoder
+    (``model.clip.vision_model.encoder``: attention projections and MLPs, about 90% of the
+    backbone's arithmetic). Weights become qint8 with one scale per output channel; activations
+    are quantised on the fly (one scale per tensor per call); outputs stay fp32. CPU only.
+
+    First each MLP's ``quick_gelu`` is rewritten exactly as an in-place SiLU (see
+    ``_quick_gelu_as_silu``): once the matmuls are int8, its three fp32 passes over the widest
+    activation cost about 15% of the whole forward (rd64, 2 CPU cores; bench/bench_precision.py).
+
+    ``torch.ao.quantization`` is deprecated in favour of torchao; its warnings are silenced here
+    so that they do not reach every worker log.
+    """
+    encoder = model.clip.vision_model.encoder
+    for layer in encoder.layers:
+        _quick_gelu_as_silu(layer.mlp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r".*quantize_per_(tensor|channel).*", category=UserWarning)
+        torch.ao.quantization.quantize_dynamic(
+            encoder, {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, inplace=True)
+
+
+def _quick_gelu_as_silu(mlp: torch.nn.Module) -> None:
+    """``fc2(quick_gelu(fc1(x)))`` as ``fc2'(silu(fc1'(x)))``, the same function: quick_gelu(h) is
+    h * sigmoid(1.702 h) = silu(1.702 h) / 1.702, so fc1's weight and bias take the factor 1.702
+    and fc2's weight its inverse. SiLU is one fused pass and runs in place on fc1's fresh output.
+    The int8 scales (per channel for weights, per tensor for activations) absorb the constant
+    factors, so quantisation error is essentially unchanged."""
+    if type(mlp.activation_fn).__name__ != "QuickGELUActivation":
+        return
+    with torch.no_grad():
+        mlp.fc1.weight.mul_(QUICK_GELU_SCALE)
+        mlp.fc1.bias.mul_(QUICK_GELU_SCALE)
+        mlp.fc2.weight.div_(QUICK_GELU_SCALE)
+    mlp.activation_fn = torch.nn.SiLU(inplace=True)
 
 
 def _unavailable(verb: str, ref: str, err: Exception) -> ModelUnavailableError:
