@@ -71,6 +71,10 @@ def _mask_options() -> argparse.ArgumentParser:
     group.add_argument("--grow", type=int, default=0, help="grow (or, negative, shrink) the mask by N pixels")
     group.add_argument("--invert", action="store_true", help="invert both masks")
     group.add_argument("--raw-bits", type=int, choices=(8, 16), default=8, help="bit depth of the raw mask PNG")
+    group.add_argument("--outputs", type=lambda text: tuple(p.strip() for p in text.split(",") if p.strip()),
+                       default=("mask", "raw"), metavar="mask[,raw]",
+                       help="image files to write: mask (0/255) and/or raw (default mask,raw); mask alone "
+                            "halves the encoding work")
     group.add_argument("--skip-existing", action="store_true", help="skip images whose outputs already exist")
     return parent
 
@@ -159,6 +163,7 @@ def spec_from_args(args: argparse.Namespace) -> MaskSpec:
     return MaskSpec.from_text(
         args.prompt, args.negative, threshold=args.threshold, normalize=args.normalize, profile=args.profile,
         blur_sigma=args.blur, grow=args.grow, invert=args.invert, raw_bits=args.raw_bits, max_side=args.max_side,
+        outputs=args.outputs,
     )
 
 

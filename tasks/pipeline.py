@@ -23,7 +23,6 @@ from PIL import Image
 
 from storage import ObjectStore, is_transient
 from storage.layout import output_keys
-from worker.codecs import decode_image
 from worker.config import env_int
 from worker.engine import MaskEngine, MaskResult
 from worker.outputs import encode_masks, encode_metadata, metadata_record, worker_identity
@@ -63,7 +62,8 @@ class Outcome:
 @dataclass
 class _Loaded:
     key: str
-    image: Image.Image | None = None
+    image: Image.Image | None = None  # upright RGB; smaller than size when decoded reduced
+    size: tuple[int, int] | None = None  # (W, H) of the upright full-resolution image
     pixels: torch.Tensor | None = None  # the engine's input tensor, prepared in a loader thread
     outcome: Outcome | None = None  # set when the input already has its outcome
     timings_ms: dict = field(default_factory=dict)
@@ -118,7 +118,7 @@ class Pipeline:
             started = time.perf_counter()
             data = self.source.read_bytes(key)
             read = time.perf_counter()
-            item.image = decode_image(data)
+            item.image, item.size = self.engine.decode(data, self.spec)
             self.engine.check(item.image, self.spec)
             decoded = time.perf_counter()
             item.pixels = self.engine.prepare(item.image, self.spec)
@@ -134,7 +134,7 @@ class Pipeline:
             return []
         try:
             results = self.engine.predict([item.image for item in items], self.spec,
-                                          [item.pixels for item in items])
+                                          [item.pixels for item in items], [item.size for item in items])
             metrics.observe_batch(len(items), self.labels)
             return list(zip(items, results, strict=True))
         except Exception as err:  # noqa: BLE001 - isolate the culprit below
@@ -156,13 +156,13 @@ class Pipeline:
         keys = output_keys(item.key)
         blobs = encode_masks(result, self.spec)
         encoded = time.perf_counter()
-        for role in ("mask", "raw"):
-            self.dest.write_bytes(keys[role], blobs[role], "image/png")
-        urls = {role: self.dest.url_for(key) for role, key in keys.items()}
+        for role, blob in blobs.items():
+            self.dest.write_bytes(keys[role], blob, "image/png")
+        urls = {role: self.dest.url_for(key) for role, key in keys.items() if role in blobs or role == "metadata"}
         timings = {**item.timings_ms, **result.timings_ms, "encode": (encoded - started) * 1e3,
                    "upload": (time.perf_counter() - encoded) * 1e3}
         record = metadata_record(
-            source=self.source.url_for(item.key), size=item.image.size, spec=self.spec,
+            source=self.source.url_for(item.key), size=item.size, spec=self.spec,
             model=self.engine.model_info, result=result, outputs=urls, timings_ms=timings, worker=self.worker,
         )
         # The metadata goes last: its presence means the image is complete (--skip-existing).

@@ -133,3 +133,15 @@ def test_post_processing_options_shape_the_outputs_and_are_recorded(image_dir, t
     on_edited = np.asarray(Image.open(edited / "photos/cat.jpg.mask.png")) == 255
     on_plain = np.asarray(Image.open(plain / "photos/cat.jpg.mask.png")) == 255
     assert on_edited.mean() <= (~on_plain).mean()
+
+
+def test_outputs_mask_writes_only_the_thresholded_mask(image_dir, tmp_path, run_env):
+    out = tmp_path / "out"
+    result = clipmask("run", str(image_dir), "--out", str(out), "--prompt", "dog", "--quiet", "--outputs", "mask",
+                      env=run_env)
+    assert result.returncode == 1, result.stderr  # the corrupt input
+    assert (out / "photos/cat.jpg.mask.png").exists() and not (out / "photos/cat.jpg.raw.png").exists()
+    meta = json.loads((out / "photos/cat.jpg.json").read_text())
+    assert set(meta["outputs"]) == {"mask", "metadata"} and meta["model"]["precision"] == "fp32"
+    bad = clipmask("run", str(image_dir), "--out", str(out), "--prompt", "dog", "--outputs", "mask,png", env=run_env)
+    assert bad.returncode == 2 and "--outputs must be mask, raw or mask,raw" in bad.stderr

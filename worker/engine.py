@@ -10,18 +10,20 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from itertools import groupby
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
 from . import postprocess, preprocess
+from .codecs import Decoded, decode_scaled
+from .config import env_int
 from .devices import default_batch_size, resolve_device, resolve_dtype
 from .forward import SplitCLIPSeg
 from .model import LoadedModel, load_model, model_reference
-from .spec import MaskSpec
+from .spec import OUTPUTS, MaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -29,26 +31,61 @@ log = logging.getLogger(__name__)
 TEXT_CACHE_SIZE = 1024
 
 
-@dataclass
-class MaskResult:
-    """One image's masks: ``raw`` float32 in [0, 1] and ``binary`` bool, both (H, W)."""
+def output_roles(spec: MaskSpec) -> tuple[str, ...]:
+    """The image outputs ``spec`` asks for (``MaskSpec.outputs``), in ``OUTPUTS`` order."""
+    return tuple(role for role in OUTPUTS if role in spec.outputs)
 
-    raw: np.ndarray
-    binary: np.ndarray
-    timings_ms: dict = field(default_factory=dict)
+
+class MaskResult:
+    """One image's masks, (H, W).
+
+    ``raw_pixels(bits)`` (``round(raw * (2**bits - 1))``) and ``binary_pixels()`` (0/255) are what
+    the output PNGs hold; the engine makes them directly (``postprocess.render``). ``raw``
+    (float32 in [0, 1]) and ``binary`` (bool) are kept when the path made them; otherwise ``raw``
+    is computed from the logits on first use (the straightforward path, equal within float
+    noise) and ``binary`` is read from the pixels.
+    """
+
+    def __init__(self, raw: np.ndarray | None = None, binary: np.ndarray | None = None,
+                 timings_ms: dict | None = None, *, raw_pixels: dict[int, np.ndarray] | None = None,
+                 binary_pixels: np.ndarray | None = None,
+                 compute: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None):
+        self._raw, self._binary, self._compute = raw, binary, compute
+        self._raw_pixels = dict(raw_pixels or {})
+        self._binary_pixels = binary_pixels
+        self.timings_ms = {} if timings_ms is None else timings_ms
+
+    @property
+    def raw(self) -> np.ndarray:
+        if self._raw is None:
+            self._raw, binary = self._compute()
+            if self._binary is None and self._binary_pixels is None:
+                self._binary = binary
+        return self._raw
+
+    @property
+    def binary(self) -> np.ndarray:
+        if self._binary is None:
+            self._binary = self._binary_pixels != 0 if self._binary_pixels is not None else self._compute()[1]
+        return self._binary
 
     @property
     def coverage(self) -> float:
         """Fraction of pixels on in the thresholded mask."""
-        return float(self.binary.mean()) if self.binary.size else 0.0
+        pixels = self.binary_pixels()
+        return float(np.count_nonzero(pixels)) / pixels.size if pixels.size else 0.0
 
     def raw_pixels(self, bits: int = 8) -> np.ndarray:
         """``round(raw * (2**bits - 1))`` as uint8 or uint16."""
-        top = (1 << bits) - 1
-        return np.rint(self.raw * top).astype(np.uint8 if bits == 8 else np.uint16)
+        if bits not in self._raw_pixels:
+            top = (1 << bits) - 1
+            self._raw_pixels[bits] = np.rint(self.raw * top).astype(np.uint8 if bits == 8 else np.uint16)
+        return self._raw_pixels[bits]
 
     def binary_pixels(self) -> np.ndarray:
-        return self.binary.astype(np.uint8) * 255
+        if self._binary_pixels is None:
+            self._binary_pixels = self.binary.astype(np.uint8) * 255
+        return self._binary_pixels
 
 
 class MaskEngine:
@@ -61,6 +98,10 @@ class MaskEngine:
         self.batch_size = batch_size or default_batch_size(device)
         self.split = SplitCLIPSeg(loaded.model)
         self.max_prompt_tokens = loaded.model.config.text_config.max_position_embeddings
+        #: JPEGs keep at least this many times the processor's input size when decoded for the
+        #: default profile (``preprocess.DECODE_MARGIN``); 0 decodes at full resolution, as
+        #: ``CLIPMASK_REDUCED_DECODE=0`` asks.
+        self.decode_margin = preprocess.DECODE_MARGIN if env_int("CLIPMASK_REDUCED_DECODE", 1) else 0
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     @classmethod
@@ -73,7 +114,12 @@ class MaskEngine:
 
     @property
     def model_info(self) -> dict:
-        return {"id": self.loaded.model_id, "revision": self.loaded.revision}
+        return {"id": self.loaded.model_id, "revision": self.loaded.revision, "precision": self.loaded.precision}
+
+    def decode(self, data: bytes, spec: MaskSpec) -> Decoded:
+        """Decode an image file for this spec: upright RGB, a JPEG at the smallest DCT scale the
+        profile's preprocessing allows (``preprocess.decode_size``), with its full (W, H)."""
+        return decode_scaled(data, preprocess.decode_size(spec, self.loaded.processor, self.decode_margin))
 
     def check(self, image: Image.Image, spec: MaskSpec) -> None:
         """Raise an ``ImageError`` before any work if ``image`` is outside the spec's bounds."""
@@ -84,12 +130,15 @@ class MaskEngine:
         that preprocessing overlaps inference instead of delaying it."""
         return preprocess.pixel_values([image], spec, self.loaded.processor)[0]
 
-    def predict(self, images: list[Image.Image], spec: MaskSpec,
-                pixels: list[torch.Tensor] | None = None) -> list[MaskResult]:
+    def predict(self, images: list[Image.Image], spec: MaskSpec, pixels: list[torch.Tensor] | None = None,
+                sizes: list[tuple[int, int]] | None = None) -> list[MaskResult]:
         """Masks for ``images`` in order. ``pixels`` are their ``prepare`` tensors, if already
-        made; images whose tensors have one shape share backbone batches."""
+        made; images whose tensors have one shape share backbone batches. ``sizes`` are the
+        (W, H) the masks are made at (``Decoded.size``, for reduced decodes); default: each
+        image's own size."""
         if pixels is None:
-            return self._prepare_and_predict(images, spec)
+            return self._prepare_and_predict(images, spec, sizes)
+        sizes = [image.size for image in images] if sizes is None else sizes
         results: list[MaskResult | None] = [None] * len(images)
         shape = lambda i: tuple(pixels[i].shape)  # noqa: E731
         for _, group in groupby(sorted(range(len(images)), key=shape), key=shape):
@@ -97,26 +146,27 @@ class MaskEngine:
             for start in range(0, len(group), self.batch_size):
                 indices = group[start:start + self.batch_size]
                 batch = torch.stack([pixels[i] for i in indices])
-                for i, result in zip(indices, self._predict_batch([images[i] for i in indices], batch, spec),
+                for i, result in zip(indices, self._predict_batch([sizes[i] for i in indices], batch, spec),
                                      strict=True):
                     results[i] = result
         return results
 
-    def _prepare_and_predict(self, images: list[Image.Image], spec: MaskSpec) -> list[MaskResult]:
+    def _prepare_and_predict(self, images: list[Image.Image], spec: MaskSpec,
+                             sizes: list[tuple[int, int]] | None) -> list[MaskResult]:
         started = time.perf_counter()
         pixels = preprocess.pixel_values(images, spec, self.loaded.processor)
         prepare_ms = (time.perf_counter() - started) * 1000.0 / max(1, len(images))
-        results = self.predict(images, spec, pixels)
+        results = self.predict(images, spec, pixels, sizes)
         for result in results:
             result.timings_ms["preprocess"] = prepare_ms
         return results
 
-    def _predict_batch(self, images: list[Image.Image], pixels: torch.Tensor, spec: MaskSpec) -> list[MaskResult]:
+    def _predict_batch(self, sizes: list[tuple[int, int]], pixels: torch.Tensor, spec: MaskSpec) -> list[MaskResult]:
         started = time.perf_counter()
         logits = self._forward(pixels, spec)
-        share = (time.perf_counter() - started) * 1000.0 / len(images)
-        results = [self._postprocess(image, image_logits, spec)
-                   for image, image_logits in zip(images, logits, strict=True)]
+        share = (time.perf_counter() - started) * 1000.0 / len(sizes)
+        results = [self._postprocess(size, image_logits, spec)
+                   for size, image_logits in zip(sizes, logits, strict=True)]
         for result in results:
             result.timings_ms["inference"] = share
         return results
@@ -136,13 +186,29 @@ class MaskEngine:
         return logits.reshape(images, len(prompts), *logits.shape[1:])
 
     @torch.inference_mode()
-    def _postprocess(self, image: Image.Image, logits: torch.Tensor, spec: MaskSpec) -> MaskResult:
+    def _postprocess(self, size: tuple[int, int], logits: torch.Tensor, spec: MaskSpec) -> MaskResult:
+        """The output pixels of one image of (W, H) ``size``, made on the engine's device."""
         started = time.perf_counter()
-        mask = postprocess.combine(logits, spec, (image.height, image.width))
-        raw, binary = postprocess.finish(mask, spec)
-        result = MaskResult(raw.cpu().numpy(), binary.cpu().numpy())
+        shape = (size[1], size[0])
+        rendered = postprocess.render(logits, spec, shape, raw="raw" in output_roles(spec))
+        raw_pixels = {}
+        if rendered.raw_pixels is not None:
+            raw_pixels[spec.raw_bits] = rendered.raw_pixels.cpu().numpy().astype(
+                np.uint8 if spec.raw_bits == 8 else np.uint16, copy=False)
+        if rendered.mask is not None:
+            floats, compute = (rendered.mask.cpu().numpy(), rendered.binary.cpu().numpy()), None
+        else:
+            floats, compute = (None, None), lambda: self._float_masks(logits, spec, shape)
+        result = MaskResult(*floats, raw_pixels=raw_pixels, binary_pixels=rendered.binary_pixels.cpu().numpy(),
+                            compute=compute)
         result.timings_ms["postprocess"] = (time.perf_counter() - started) * 1000.0
         return result
+
+    @torch.inference_mode()
+    def _float_masks(self, logits: torch.Tensor, spec: MaskSpec, shape: tuple[int, int]):
+        """The straightforward float masks (``MaskResult.raw`` / ``binary`` on first use)."""
+        raw, binary = postprocess.finish(postprocess.combine(logits, spec, shape), spec)
+        return raw.cpu().numpy(), binary.cpu().numpy()
 
     @torch.inference_mode()
     def text_embeddings(self, prompts: tuple[str, ...]) -> torch.Tensor:

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from importlib import metadata as package_metadata
 
 from .codecs import encode_png
-from .engine import MaskResult
+from .engine import MaskResult, output_roles
 from .spec import MaskSpec
 
 
@@ -26,11 +26,15 @@ def worker_identity(device: str) -> dict:
 
 
 def encode_masks(result: MaskResult, spec: MaskSpec) -> dict[str, bytes]:
-    """PNG bytes by role: ``mask`` (0/255) and ``raw`` (``round(mask * max)``, 8 or 16 bit)."""
-    return {
-        "mask": encode_png(result.binary_pixels()),
-        "raw": encode_png(result.raw_pixels(spec.raw_bits)),
-    }
+    """PNG bytes by role, for the roles the spec asks for (``output_roles``): ``mask`` (0/255)
+    and ``raw`` (``round(mask * max)``, 8 or 16 bit)."""
+    roles = output_roles(spec)
+    blobs = {}
+    if "mask" in roles:
+        blobs["mask"] = encode_png(result.binary_pixels(), binary=True)
+    if "raw" in roles:
+        blobs["raw"] = encode_png(result.raw_pixels(spec.raw_bits))
+    return blobs
 
 
 def metadata_record(*, source: str, size: tuple[int, int], spec: MaskSpec, model: dict,

@@ -7,8 +7,11 @@ blur (Gaussian, raw mask); normalize (per image, a constant mask becomes zeros);
 
 from __future__ import annotations
 
+import bisect
 import math
+from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 from torchvision.transforms import functional as TF
@@ -17,6 +20,182 @@ from .spec import MaskSpec
 
 #: How each profile resizes logits to the image: the processor's bilinear, or the seed's nearest.
 UPSAMPLE_MODE = {"default": "bilinear", "masquerade": "nearest"}
+#: ``render`` on the CPU works on bands of about this many values per prompt (1 MiB of float32),
+#: so that each band's dozen steps stay in the cache instead of streaming image-sized maps.
+BAND_VALUES = 1 << 18
+
+
+class Rendered(NamedTuple):
+    """One image's output pixels, (H, W), on the logits' device.
+
+    ``raw_pixels``: ``round(mask * (2**raw_bits - 1))``, uint8 or 16-bit (uint16 on the CPU, int32
+    elsewhere), ``None`` when not asked for; ``binary_pixels``: the thresholded mask, uint8 0/255.
+    ``mask`` (float32) and ``binary`` (bool) are there when the path made them, else ``None``.
+    """
+
+    raw_pixels: torch.Tensor | None
+    binary_pixels: torch.Tensor
+    mask: torch.Tensor | None = None
+    binary: torch.Tensor | None = None
+
+
+def render(logits: torch.Tensor, spec: MaskSpec, size: tuple[int, int], raw: bool = True) -> Rendered:
+    """(prompts, S, S) logits -> the outputs' pixels at ``size`` (H, W): ``finish(combine(...))``,
+    quantized, within float noise (a pixel may land one grey level off where ``mask * 255`` is
+    within float noise of a half).
+
+    The default profile without blur or grow is fused: the logits are resized along rows once (at
+    logit height), then each band of output rows is resized along columns, combined in logit
+    space (sigmoid is monotonic, so ``max(sigmoid) = sigmoid(max)`` and ``1 - sigmoid(x) =
+    sigmoid(-x)``), thresholded and quantized while it is in the cache; no image-sized float map
+    is made. Each prompt is still resized on its own (the max of resized logits is not the resize
+    of their max). ``normalize`` adds a first pass for the mask's minimum and maximum; without
+    ``raw`` the threshold is applied to the logits (``logit(t)``) and sigmoid is skipped. Other
+    specs take the straightforward path.
+    """
+    if spec.profile == "default" and spec.blur_sigma == 0 and spec.grow == 0:
+        return _render_bands(logits, spec, size, raw)
+    mask, binary = finish(combine(logits, spec, size), spec)
+    raw_pixels = quantize(mask, spec.raw_bits) if raw else None
+    return Rendered(raw_pixels, binary.to(torch.uint8).mul_(255), mask, binary)
+
+
+def quantize(mask: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """``round(mask * (2**bits - 1))`` as uint8, or for 16 bits uint16 (CPU) / int32 (elsewhere)."""
+    out = torch.empty(mask.shape, dtype=_pixel_dtype(bits, mask.device), device=mask.device)
+    return out.copy_((mask * ((1 << bits) - 1)).round_())
+
+
+def _pixel_dtype(bits: int, device: torch.device) -> torch.dtype:
+    if bits == 8:
+        return torch.uint8
+    return torch.uint16 if device.type == "cpu" else torch.int32
+
+
+def _source_rows(out_size: int, in_size: int, device: torch.device):
+    """Bilinear (align_corners=False) source rows and weights of each output row, as
+    ``F.interpolate`` computes them in float32: ``src = max(scale * (dst + 0.5) - 0.5, 0)`` with
+    ``scale = float(in) / out``, multiply and subtract fused (one rounding, float64 here). A
+    weight one float32 step off would move a 16-bit raw mask by several levels on steep logits."""
+    scale = float(torch.tensor(in_size, dtype=torch.float32) / out_size)
+    dst = torch.arange(out_size, dtype=torch.float64, device=device)
+    src = (dst.add_(0.5).mul_(scale).sub_(0.5)).float().clamp_(min=0)
+    first = src.long().clamp_(max=in_size - 1)
+    weight = (src - first).clamp_(0, 1)
+    return first, (first + 1).clamp_(max=in_size - 1), weight[:, None]
+
+
+def _render_bands(logits: torch.Tensor, spec: MaskSpec, size: tuple[int, int], raw: bool) -> Rendered:
+    height, width = size
+    prompts, logit_height, _ = logits.shape
+    device = logits.device
+    on_cpu = device.type == "cpu"
+    # Negatives enter as -logits (negation commutes exactly with the interpolation): the mask is
+    # sigmoid(min(max over positives, min over negated negatives)). Along rows once, for every
+    # prompt: the horizontal half of the bilinear resize; 1-D linear interpolation computes exactly
+    # what the 2-D kernel computes along a row (whose vertical weights are (1, 0)), in half the time.
+    positives = len(spec.prompts)
+    signed = torch.cat([logits[:positives].float(), -logits[positives:].float()])
+    rows = F.interpolate(signed.reshape(prompts * logit_height, 1, -1), size=width, mode="linear",
+                         align_corners=False).reshape(prompts, logit_height, width)
+    first, second, weight = _source_rows(height, logit_height, device)
+    band_rows = max(1, BAND_VALUES // (prompts * width)) if on_cpu else height
+    bands = [(start, min(height, start + band_rows)) for start in range(0, height, band_rows)]
+    # Upscaling by 3 or more, output rows come in runs that share their two source rows: each run
+    # is one broadcast lerp, with no gathered copy of the source rows.
+    runs = _runs(first) if on_cpu and height >= 3 * logit_height else None
+    values = torch.empty((prompts, min(band_rows, height), width), device=device)
+
+    def band_logits(start: int, stop: int) -> torch.Tensor:
+        """The combined mask of output rows start..stop, before sigmoid."""
+        out = values[:, : stop - start]
+        if runs is None:
+            torch.lerp(rows.index_select(1, first[start:stop]), rows.index_select(1, second[start:stop]),
+                       weight[start:stop], out=out)
+        else:
+            for run_start, run_stop, row in _runs_in(runs, start, stop):
+                below = min(row + 1, logit_height - 1)
+                torch.lerp(rows[:, row:row + 1], rows[:, below:below + 1], weight[run_start:run_stop],
+                           out=out[:, run_start - start:run_stop - start])
+        mask = _reduce_into_first(out[:positives], torch.maximum)
+        if spec.negative_prompts:
+            torch.minimum(mask, _reduce_into_first(out[positives:], torch.minimum), out=mask)
+        return mask
+
+    low = span = None
+    if spec.normalize:
+        lows, highs = zip(*(torch.aminmax(band_logits(start, stop).sigmoid_()) for start, stop in bands))
+        low, high = torch.stack(lows).min(), torch.stack(highs).max()
+        span = high - low if bool(high > low) else None  # constant: all zeros, as normalize()
+    # Only the thresholded mask wanted: compare the logits with logit(threshold), no sigmoid (equal
+    # up to float noise at the threshold; not for 0 or 1, where sigmoid's rounding to 0 or 1 counts).
+    in_logits = not raw and not spec.normalize and 0.0 < spec.threshold < 1.0
+    threshold = math.log(spec.threshold / (1.0 - spec.threshold)) if in_logits else spec.threshold
+    raw_pixels = torch.empty(size, dtype=_pixel_dtype(spec.raw_bits, device), device=device) if raw else None
+    binary_pixels = torch.empty(size, dtype=torch.uint8, device=device)
+    tail = _tail_numpy if on_cpu else _tail_torch
+    for start, stop in bands:
+        mask = band_logits(start, stop)
+        if not in_logits:
+            mask = mask.sigmoid_()
+        if spec.normalize:
+            mask = mask.sub_(low).div_(span) if span is not None else mask.zero_()
+        raw_band = None if raw_pixels is None else raw_pixels[start:stop]
+        tail(mask, threshold, spec, binary_pixels[start:stop], raw_band)
+    return Rendered(raw_pixels, binary_pixels)
+
+
+def _tail_torch(mask: torch.Tensor, threshold: float, spec: MaskSpec, binary: torch.Tensor,
+                raw: torch.Tensor | None) -> None:
+    """Threshold (then invert) into ``binary`` as 0/255 and quantize into ``raw``; uses up ``mask``."""
+    compare = torch.lt if spec.invert else torch.ge  # invert: ~(mask >= t), NaN aside
+    compare(mask, threshold, out=binary.view(torch.bool))
+    binary.mul_(255)
+    if raw is not None:
+        if spec.invert:
+            mask = mask.neg_().add_(1.0)
+        raw.copy_(mask.mul_((1 << spec.raw_bits) - 1).round_())
+
+
+def _tail_numpy(mask: torch.Tensor, threshold: float, spec: MaskSpec, binary: torch.Tensor,
+                raw: torch.Tensor | None) -> None:
+    """``_tail_torch`` on the CPU, in numpy: its compare and float-to-integer casts are SIMD, torch's
+    take ten times as long. The same float32 arithmetic (NumPy's rint rounds half to even, as
+    ``np.rint`` in ``MaskResult.raw_pixels`` and ``torch.round`` do)."""
+    values, binary = mask.numpy(), binary.numpy()
+    compare = np.less if spec.invert else np.greater_equal
+    compare(values, np.float32(threshold), out=binary.view(np.bool_))
+    np.multiply(binary, 255, out=binary)
+    if raw is not None:
+        if spec.invert:
+            np.subtract(np.float32(1.0), values, out=values)
+        np.multiply(values, np.float32((1 << spec.raw_bits) - 1), out=values)
+        np.copyto(raw.numpy(), np.rint(values, out=values), casting="unsafe")
+
+
+def _runs(first: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(start, stop, source row) of each run of output rows that share their first source row."""
+    rows = first.tolist()
+    edges = [0, *(i for i in range(1, len(rows)) if rows[i] != rows[i - 1]), len(rows)]
+    return [(a, b, rows[a]) for a, b in zip(edges, edges[1:])]
+
+
+def _runs_in(runs: list[tuple[int, int, int]], start: int, stop: int):
+    """The runs' parts inside rows ``start..stop``."""
+    index = bisect.bisect_right(runs, (start, math.inf)) - 1
+    while index < len(runs) and runs[index][0] < stop:
+        run_start, run_stop, row = runs[index]
+        yield max(run_start, start), min(run_stop, stop), row
+        index += 1
+
+
+def _reduce_into_first(values: torch.Tensor, pairwise) -> torch.Tensor:
+    """``pairwise`` (torch.maximum, torch.minimum) over the first dimension, written into (and
+    returned as) ``values[0]``."""
+    result = values[0]
+    for other in values[1:]:
+        pairwise(result, other, out=result)
+    return result
 
 
 def combine(logits: torch.Tensor, spec: MaskSpec, size: tuple[int, int]) -> torch.Tensor:

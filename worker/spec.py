@@ -15,6 +15,8 @@ PROFILES = ("default", "masquerade")
 #: Largest image side the ``masquerade`` profile accepts by default, in pixels. Its backbone runs
 #: at max(W, H) squared, so attention memory grows with the fourth power of the side.
 DEFAULT_MAX_SIDE = 2048
+#: The image outputs, by role: the thresholded mask and the raw mask.
+OUTPUTS = ("mask", "raw")
 
 
 def split_prompts(text: str | None) -> tuple[str, ...]:
@@ -38,6 +40,7 @@ class MaskSpec:
     invert: bool = False
     raw_bits: int = 8  # bit depth of the raw mask PNG: 8 or 16
     max_side: int = DEFAULT_MAX_SIDE  # masquerade only: longest image side accepted, in pixels
+    outputs: tuple[str, ...] = OUTPUTS  # the image files to write: "mask" and/or "raw"
 
     @classmethod
     def from_text(cls, prompt: str, negative: str | None = None, **options) -> "MaskSpec":
@@ -52,7 +55,7 @@ class MaskSpec:
         if unknown:
             raise InvalidSpecError(f"unknown mask option(s) {unknown}; known: {sorted(known)}")
         values = dict(data)
-        for key in ("prompts", "negative_prompts"):
+        for key in ("prompts", "negative_prompts", "outputs"):
             if key in values:
                 values[key] = tuple(values[key])
         return cls(**values)
@@ -61,6 +64,7 @@ class MaskSpec:
         data = asdict(self)
         data["prompts"] = list(self.prompts)
         data["negative_prompts"] = list(self.negative_prompts)
+        data["outputs"] = list(self.outputs)
         return data
 
     def __post_init__(self):
@@ -70,6 +74,8 @@ class MaskSpec:
         _check(self.blur_sigma >= 0, f"--blur must be >= 0 pixels, got {self.blur_sigma}")
         _check(isinstance(self.grow, int), f"--grow must be a whole number of pixels, got {self.grow!r}")
         _check(self.raw_bits in (8, 16), f"--raw-bits must be 8 or 16, got {self.raw_bits}")
+        _check(isinstance(self.outputs, tuple) and bool(self.outputs) and set(self.outputs) <= set(OUTPUTS),
+               f"--outputs must be mask, raw or mask,raw, got {','.join(map(str, self.outputs))!r}")
         _check(self.max_side > 0, f"--max-side must be a positive number of pixels, got {self.max_side}")
 
     @property
