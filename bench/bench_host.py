@@ -22,6 +22,11 @@ are shared and noisy), old and new interleaved. Printed: images per second per c
 ms, PNG sizes, and how far new is from old (raw mask in grey levels, thresholded mask, and the
 model's 352x352 input in grey levels, which reduced decoding changes).
 
+Then (unless ``--host-only``) the issue's other targets, each from its own script with a real
+(random-weight) model: ``bench_e2e.py`` (``clipmask run`` end to end against model-only) and
+``bench_worker.py`` (a worker fed chunks of 8 against 256, and 32 concurrent offload requests
+against one at a time).
+
 Usage: .venv/bin/python bench/bench_host.py [--sizes 512x384 640x480 4032x3024] [--images 2] [--repeat 5]
 """
 
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import io
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -62,6 +68,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: per core)")
     parser.add_argument("--decode-margin", type=int, help="MaskEngine.decode_margin for the new path "
                         "(default: the library's, preprocess.DECODE_MARGIN; 0: full-size decode)")
+    parser.add_argument("--host-only", action="store_true",
+                        help="skip the end-to-end (bench_e2e.py) and worker (bench_worker.py) sections")
     return parser.parse_args()
 
 
@@ -257,6 +265,11 @@ def main() -> None:
         if kind == "smooth" and size in TARGETS and path in ("old", "new"):
             verdict = "PASS" if rate >= TARGETS[size] else "MISS"
             print(f"  {size[0]}x{size[1]} {path:>3}: {rate:6.1f} img/s (target >= {TARGETS[size]:g}) {verdict}")
+    if not args.host_only:
+        # The other targets of the issue, each in its own script (real model forward, real worker).
+        for script in ("bench_e2e.py", "bench_worker.py"):
+            print(f"\n--- bench/{script}", flush=True)
+            subprocess.run([sys.executable, str(Path(__file__).with_name(script))], check=True)
 
 
 def _mask_only(spec: MaskSpec) -> MaskSpec:

@@ -20,6 +20,9 @@ from worker.spec import DEFAULT_MAX_SIDE, PROFILES, MaskSpec
 from .planning import DEFAULT_CHUNK_SIZE
 from .redact import redact_url
 
+#: Tasks one worker process holds at once (``--tasks``), all feeding its one device loop.
+DEFAULT_WORKER_TASKS = 8
+
 EXIT_CODES = """exit codes:
   0  success
   1  some images failed (run), or the job is unknown (status, cancel, resume)
@@ -131,10 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--out", dest="out_dir", metavar="DIR", help="local folder for the page (default ./preview-JOB)")
     preview.add_argument("--limit", type=at_least(0), default=200, help="images sampled, failures listed, at most (default 200)")
     preview.add_argument("--seed", type=int, default=0, help="seed of the random sample (default 0)")
-    worker = commands.add_parser("worker", parents=[engine], help="start this machine's Celery workers",
-                                 description="Start one worker process per GPU (one CPU process without GPUs). "
-                                             "Other options are passed to `celery worker`.")
+    worker = commands.add_parser(
+        "worker", parents=[engine], help="start this machine's Celery workers",
+        description="Start one worker process per GPU (one CPU process without GPUs). Each process loads the "
+                    "model once and holds up to --tasks tasks at a time (Celery's threads pool); their images "
+                    "share one device loop, which batches them together. Other options are passed to "
+                    "`celery worker`.")
     worker.add_argument("--gpus", help="'all' (default when GPUs exist) or indices, e.g. 0,2")
+    worker.add_argument("--tasks", type=at_least(1), default=env_int("CLIPMASK_WORKER_TASKS", DEFAULT_WORKER_TASKS),
+                        help="tasks each process holds at once, feeding its device loop "
+                             f"(default $CLIPMASK_WORKER_TASKS or {DEFAULT_WORKER_TASKS})")
     worker.add_argument("--loglevel", default="INFO")
     return parser
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -123,21 +124,38 @@ def preview(args: argparse.Namespace, _extra: list[str]) -> int:
 
 
 def worker(args: argparse.Namespace, extra: list[str]) -> int:
-    """Exec-free: Celery runs in this process, so SIGTERM reaches it and shuts down warmly."""
-    from worker.celery_app import app
-    from worker.lifecycle import DEVICES_ENV
+    """One Celery worker per device: in this process for one device (exec-free, so SIGTERM
+    reaches it and shuts down warmly), else one child process per GPU (``tasks.supervise``)."""
     from worker.model import check_model_available, model_reference
 
     devices = _worker_devices(args)
-    os.environ[DEVICES_ENV] = ",".join(devices)
     if args.model:
         os.environ["CLIPMASK_MODEL"] = args.model
     if args.batch_size:
         os.environ["CLIPMASK_BATCH_SIZE"] = str(args.batch_size)
     os.environ["CLIPMASK_PRECISION"] = args.precision
     check_model_available(model_reference())
-    _serve_metrics()
-    app.worker_main(["worker", "--pool", "prefork", "--concurrency", str(len(devices)),
+    _serve_metrics()  # here, for all devices: children write their samples to its folder
+    if len(devices) > 1:
+        from .supervise import supervise_workers
+
+        return supervise_workers(devices, args, extra)
+    return _serve_device(devices[0], args, extra)
+
+
+def _serve_device(device: str, args: argparse.Namespace, extra: list[str]) -> int:
+    """Celery's threads pool, ``--tasks`` threads: the tasks held share this process's engine
+    and its device loop. Acks stay late, so a killed process loses no task (README, "Workers")."""
+    from worker import lifecycle
+    from worker.celery_app import app
+    from worker.errors import ClipmaskError
+
+    os.environ[lifecycle.DEVICES_ENV] = device
+    try:
+        lifecycle.setup()
+    except ClipmaskError as err:  # tasks retry the load, and report it if it keeps failing
+        logging.getLogger("clipmask").error("could not load the mask engine: %s", err)
+    app.worker_main(["worker", "--pool", "threads", "--concurrency", str(args.tasks),
                      "--queues", app.conf.task_default_queue, "--loglevel", args.loglevel, *extra])
     return 0
 

@@ -8,6 +8,7 @@ bit in the job's bitmap goes from 0 to 1.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from functools import lru_cache
 
@@ -53,6 +54,13 @@ def _metrics_of_dead_process(pid=None, **_kwargs) -> None:
 @signals.after_setup_task_logger.connect
 def _redact_logs(logger=None, **_kwargs) -> None:
     install_log_redaction(logger)
+
+
+def _deadline(task) -> float | None:
+    """When the task's soft time limit passes (``time.monotonic()``): the pipeline enforces it,
+    as the threads pool (which lets a worker's tasks share device batches) does not."""
+    limit = (task.request.timelimit or (None, None))[1] or app.conf.task_soft_time_limit
+    return time.monotonic() + limit if limit else None
 
 
 def _retry_delay(retries: int) -> int:
@@ -119,7 +127,7 @@ def _run_chunk(task, jobs: JobIndex, files: JobFiles, chunk: int, size: int, con
     record = _job_record(files.dest.url, files.job_id)
     keys = files.read_plan(chunk).keys
     pipeline = Pipeline(lifecycle.engine(), open_store(record["source"]), files.dest,
-                        MaskSpec.from_dict(record["spec"]), record["skip_existing"], context)
+                        MaskSpec.from_dict(record["spec"]), record["skip_existing"], context, _deadline(task))
     outcomes = list(pipeline.run(keys))
     transient = [o for o in outcomes if o.transient]
     if transient and task.request.retries < task.max_retries:
@@ -157,7 +165,7 @@ def mask_image(self, source: str, key: str, dest: str, spec: dict) -> dict:
     """Backend offload: mask one image, return its manifest row plus its metadata record."""
     try:
         pipeline = Pipeline(lifecycle.engine(), open_store(source), open_store(dest),
-                            MaskSpec.from_dict(spec), context=f"task {self.request.id}")
+                            MaskSpec.from_dict(spec), context=f"task {self.request.id}", deadline=_deadline(self))
         outcome: Outcome = next(iter(pipeline.run([key])))
         if outcome.transient and self.request.retries < self.max_retries:
             raise ConnectionError(outcome.error)

@@ -1,7 +1,9 @@
 """Mask a stream of keys from one store into another: the work of ``clipmask run`` and of a task.
 
-Reading and decoding run ahead in a thread pool, inference runs in batches in the calling thread,
-and encoding and writing run behind it in the same pool, so the device does not wait for storage.
+Reading and decoding run ahead in a thread pool shared by every pipeline of the process;
+inference runs in the engine's device loop (``worker.batcher``), which batches the images of every
+pipeline feeding it (the tasks a worker holds at once); encoding and writing run behind it in the
+same pool, so the device does not wait for storage.
 Every input ends in exactly one ``Outcome``, yielded in input order; any error while handling one
 image fails that image alone. Storage calls are not retried here: the storage layer already did
 (README, "Retries"); an image that still met a transient error says so (``Outcome.transient``),
@@ -12,17 +14,22 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import torch
 from PIL import Image
 
+from celery.exceptions import SoftTimeLimitExceeded
+
 from storage import ObjectStore, is_transient
 from storage.layout import output_keys
+from worker.batcher import device_loop
 from worker.config import env_int
 from worker.engine import MaskEngine, MaskResult
 from worker.outputs import encode_masks, encode_metadata, metadata_record, worker_identity
@@ -70,29 +77,57 @@ class _Loaded:
 
 
 class Pipeline:
-    """Masks keys relative to ``source`` into ``dest`` with one engine and one spec."""
+    """Masks keys relative to ``source`` into ``dest`` with one engine and one spec.
+
+    ``deadline`` (a ``time.monotonic()`` value) bounds ``run``: past it, ``run`` raises Celery's
+    ``SoftTimeLimitExceeded``, as the soft time limit would under the prefork pool (the threads
+    pool that batches tasks together cannot interrupt a task itself)."""
 
     def __init__(self, engine: MaskEngine, source: ObjectStore, dest: ObjectStore, spec: MaskSpec,
-                 skip_existing: bool = False, context: str = ""):
+                 skip_existing: bool = False, context: str = "", deadline: float | None = None):
         self.engine, self.source, self.dest, self.spec = engine, source, dest, spec
         self.skip_existing = skip_existing
         self.context = context  # e.g. "job 1f2e task 9a8b", prefixed to every log line
+        self.deadline = deadline
         self.worker = worker_identity(str(engine.device))
         self.labels = {"model": str(engine.model_info.get("id", "")), "device": str(engine.device)}
 
     def run(self, keys: Iterable[str]) -> Iterator[Outcome]:
         """Yield one ``Outcome`` per key, in the order of ``keys``."""
-        with ThreadPoolExecutor(IO_THREADS, thread_name_prefix="clipmask-io") as pool:
-            outcomes: deque[Future] = deque()
-            for batch in self._loaded_batches(pool, keys):
-                ready = [item for item in batch if item.outcome is None]
-                saves = (pool.submit(self._save, item, result) for item, result in self._infer(ready))
-                for item in batch:
-                    outcomes.append(_resolved(item.outcome) if item.outcome is not None else next(saves))
-                while len(outcomes) > 2 * self.engine.batch_size:
-                    yield self._observed(outcomes.popleft().result())
-            while outcomes:
-                yield self._observed(outcomes.popleft().result())
+        labels = dict(self.labels)
+        pool, loop = io_pool(), device_loop(self.engine, lambda size: metrics.observe_batch(size, labels))
+        outcomes: deque[Future] = deque()
+        for batch in self._loaded_batches(pool, keys):
+            ready = [item for item in batch if item.outcome is None]
+            inferred = iter(loop.submit(self.spec, ready))
+            for item in batch:
+                outcomes.append(_resolved(item.outcome) if item.outcome is not None
+                                else self._saved(pool, item, next(inferred)))
+            while len(outcomes) > 2 * self.engine.batch_size:
+                yield self._observed(self._result(outcomes.popleft()))
+        while outcomes:
+            yield self._observed(self._result(outcomes.popleft()))
+
+    def _saved(self, pool: ThreadPoolExecutor, item: "_Loaded", inferred: Future) -> Future:
+        """The outcome of ``item`` once its inference is done and its outputs are written (in the
+        pool, so that the device loop only hands results over)."""
+        saved: Future = Future()
+
+        def save(done: Future) -> None:
+            error = done.exception()
+            written = pool.submit(self._save, item, error if error is not None else done.result())
+            written.add_done_callback(lambda w: saved.set_result(w.result()))
+
+        inferred.add_done_callback(save)
+        return saved
+
+    def _result(self, future: Future):
+        if self.deadline is None:
+            return future.result()
+        try:
+            return future.result(timeout=max(0.0, self.deadline - time.monotonic()))
+        except FutureTimeout:
+            raise SoftTimeLimitExceeded(f"{self._prefix()}time limit reached before every image was masked") from None
 
     def _observed(self, outcome: Outcome) -> Outcome:
         metrics.observe_outcome(outcome.status, self.labels, (outcome.metadata or {}).get("timings_ms"))
@@ -105,9 +140,9 @@ class Pipeline:
         for key in keys:
             pending.append(pool.submit(self._load, key))
             if len(pending) >= 2 * size:
-                yield [pending.popleft().result() for _ in range(size)]
+                yield [self._result(pending.popleft()) for _ in range(size)]
         while pending:
-            yield [pending.popleft().result() for _ in range(min(size, len(pending)))]
+            yield [self._result(pending.popleft()) for _ in range(min(size, len(pending)))]
 
     def _load(self, key: str) -> _Loaded:
         item = _Loaded(key)
@@ -128,21 +163,6 @@ class Pipeline:
             item.outcome = self._failed(key, err)
         return item
 
-    def _infer(self, items: list[_Loaded]) -> list[tuple[_Loaded, MaskResult | Exception]]:
-        """Run the batch; if it fails as a whole, run each image alone so one failure stays one."""
-        if not items:
-            return []
-        try:
-            results = self.engine.predict([item.image for item in items], self.spec,
-                                          [item.pixels for item in items], [item.size for item in items])
-            metrics.observe_batch(len(items), self.labels)
-            return list(zip(items, results, strict=True))
-        except Exception as err:  # noqa: BLE001 - isolate the culprit below
-            if len(items) == 1:
-                return [(items[0], err)]
-            log.warning("%sbatch of %d failed (%s); retrying one image at a time", self._prefix(), len(items), err)
-            return [pair for item in items for pair in self._infer([item])]
-
     def _save(self, item: _Loaded, result: MaskResult | Exception) -> Outcome:
         if isinstance(result, Exception):
             return self._failed(item.key, result)
@@ -161,9 +181,10 @@ class Pipeline:
         urls = {role: self.dest.url_for(key) for role, key in keys.items() if role in blobs or role == "metadata"}
         timings = {**item.timings_ms, **result.timings_ms, "encode": (encoded - started) * 1e3,
                    "upload": (time.perf_counter() - encoded) * 1e3}
+        worker = {**self.worker, "batch_images": result.batch_images}
         record = metadata_record(
             source=self.source.url_for(item.key), size=item.size, spec=self.spec,
-            model=self.engine.model_info, result=result, outputs=urls, timings_ms=timings, worker=self.worker,
+            model=self.engine.model_info, result=result, outputs=urls, timings_ms=timings, worker=worker,
         )
         # The metadata goes last: its presence means the image is complete (--skip-existing).
         self.dest.write_bytes(keys["metadata"], encode_metadata(record), "application/json")
@@ -177,6 +198,20 @@ class Pipeline:
 
     def _prefix(self) -> str:
         return f"[{self.context}] " if self.context else ""
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def io_pool() -> ThreadPoolExecutor:
+    """The process's pool for reading, decoding, encoding and writing (``IO_THREADS`` threads),
+    shared by every pipeline: its work never waits on other work in it, so it cannot deadlock."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="clipmask-io")
+        return _POOL
 
 
 def _resolved(outcome: Outcome) -> Future:

@@ -215,6 +215,31 @@ def test_backend_offload_of_one_image_returns_its_mask_keys_and_metadata(
     assert bad.get(timeout=120)["status"] == "failed"
 
 
+def test_a_worker_batches_32_concurrent_offload_requests_together(s3_bucket, start_worker, backend_app):
+    from tasks.client import mask_image
+
+    s3, rng = boto3.client("s3"), np.random.default_rng(3)
+    sizes = {f"up/{i:02d}.jpg": (48 + i, 40 + (i % 7)) for i in range(32)}
+    for key, (w, h) in sizes.items():
+        s3.put_object(Bucket=s3_bucket, Key=key,
+                      Body=encoded(Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)), "JPEG"))
+    # Given one worker (CPU: batches of 4; it holds 8 tasks at once by default)
+    worker = start_worker()
+    source, dest = f"s3://{s3_bucket}/", f"s3://{s3_bucket}/masks/"
+    assert mask_image(source, "up/00.jpg", dest, prompt="a cat").get(timeout=120)["status"] == "succeeded"
+    # When 32 one-image requests arrive together
+    results = {key: mask_image(source, key, dest, prompt="a cat") for key in sizes}
+    rows = {key: result.get(timeout=240) for key, result in results.items()}
+    # Then each answer is its own image's (its size), all succeeded...
+    for key, row in rows.items():
+        assert row["status"] == "succeeded", (key, row, worker.log())
+        assert (row["metadata"]["width"], row["metadata"]["height"]) == sizes[key]
+        assert row["metadata"]["source"] == f"s3://{s3_bucket}/{key}"
+    # ...and the worker ran them in shared batches, as their metadata records say
+    batches = [row["metadata"]["worker"]["batch_images"] for row in rows.values()]
+    assert max(batches) > 1, batches
+
+
 def test_a_worker_carries_on_after_redis_restarts(bucket_with_inputs, job_env, start_worker, redis_server):
     bucket = bucket_with_inputs
     # Given a worker connected to the broker

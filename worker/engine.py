@@ -54,6 +54,7 @@ class MaskResult:
         self._raw_pixels = dict(raw_pixels or {})
         self._binary_pixels = binary_pixels
         self.timings_ms = {} if timings_ms is None else timings_ms
+        self.batch_images = 1  # images in the forward pass that made this result
 
     @property
     def raw(self) -> np.ndarray:
@@ -151,6 +152,12 @@ class MaskEngine:
                     results[i] = result
         return results
 
+    def run_batch(self, spec: MaskSpec, items: list) -> list[MaskResult]:
+        """The device loop's work (``worker.batcher``): masks for loaded items, each with
+        ``image``, ``pixels`` (its ``prepare`` tensor) and ``size`` (full (W, H))."""
+        return self.predict([item.image for item in items], spec, [item.pixels for item in items],
+                            [item.size for item in items])
+
     def _prepare_and_predict(self, images: list[Image.Image], spec: MaskSpec,
                              sizes: list[tuple[int, int]] | None) -> list[MaskResult]:
         started = time.perf_counter()
@@ -169,6 +176,7 @@ class MaskEngine:
                    for size, image_logits in zip(sizes, logits, strict=True)]
         for result in results:
             result.timings_ms["inference"] = share
+            result.batch_images = len(sizes)  # images in this forward pass, for the metadata record
         return results
 
     @torch.inference_mode()

@@ -1,0 +1,67 @@
+"""``clipmask worker`` on several GPUs: one child ``clipmask worker --device cuda:N`` per GPU.
+
+Each child is a whole Celery worker with its own engine and device loop (a CUDA context per
+process, made after its own start, never inherited). The parent forwards SIGTERM, SIGINT and
+SIGQUIT to every child (a warm shutdown: running tasks finish), and starts again a child that
+died on its own, after a pause, as Celery's prefork pool replaces a dead pool process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+log = logging.getLogger("clipmask.worker")
+
+#: Seconds between a child's unexpected death and its replacement.
+RESTART_DELAY_S = 5
+
+
+def child_command(device: str, args: argparse.Namespace, extra: list[str]) -> list[str]:
+    """The ``clipmask worker`` line of the child for ``device``; a node name given with ``-n``
+    gets the device in it (``w@%h`` becomes ``w-cuda1@%h``), else ``clipmask-cuda1@%h``."""
+    extra = list(extra)
+    tag = device.replace(":", "")
+    for flag in ("-n", "--hostname"):
+        if flag in extra[:-1]:
+            at = extra.index(flag) + 1
+            name, _, host = extra[at].partition("@")
+            extra[at] = f"{name}-{tag}@{host or '%h'}"
+            break
+    else:
+        extra += ["-n", f"clipmask-{tag}@%h"]
+    return [sys.executable, "-m", "tasks.cli", "worker", "--device", device, "--tasks", str(args.tasks),
+            "--precision", args.precision, "--loglevel", args.loglevel, *extra]
+
+
+def supervise_workers(devices: list[str], args: argparse.Namespace, extra: list[str]) -> int:
+    """Run one child worker per device until a shutdown signal; returns the worst exit code."""
+    commands = {device: child_command(device, args, extra) for device in devices}
+    # The parent serves the metrics; children only write their samples (PROMETHEUS_MULTIPROC_DIR).
+    env = {**os.environ, "CLIPMASK_METRICS_PORT": "0"}
+    start = lambda device: subprocess.Popen(commands[device], env=env)  # noqa: E731
+    children = {device: start(device) for device in devices}
+    stopping: list[int] = []
+
+    def forward(signum, _frame) -> None:
+        stopping.append(signum)
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(signum, forward)
+    while not stopping:
+        for device, child in list(children.items()):
+            code = child.poll()
+            if code is not None and not stopping:
+                log.error("worker on %s exited with %s; starting it again in %ds", device, code, RESTART_DELAY_S)
+                time.sleep(RESTART_DELAY_S)
+                children[device] = start(device)
+        time.sleep(0.5)
+    return max((child.wait() for child in children.values()), default=0)
