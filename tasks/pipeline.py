@@ -1,6 +1,7 @@
 """Mask a stream of keys from one store into another: the work of ``clipmask run`` and of a task.
 
-Reading and decoding run ahead in a thread pool shared by every pipeline of the process;
+Reading and decoding run ahead in a thread pool shared by every pipeline of the process (on a
+GPU, JPEGs are only read there, and decoded on the device: ``worker.gpu_decode``);
 inference runs in the engine's device loop (``worker.batcher``), which batches the images of every
 pipeline feeding it (the tasks a worker holds at once); encoding and writing run behind it in the
 same pool, so the device does not wait for storage.
@@ -22,9 +23,6 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-import torch
-from PIL import Image
-
 from celery.exceptions import SoftTimeLimitExceeded
 
 from storage import ObjectStore, is_transient
@@ -32,6 +30,7 @@ from storage.layout import output_keys
 from worker.batcher import device_loop
 from worker.config import env_int
 from worker.engine import MaskEngine, MaskResult
+from worker.gpu_decode import Prepared
 from worker.outputs import encode_masks, encode_metadata, metadata_record, worker_identity
 from worker.spec import MaskSpec
 
@@ -69,11 +68,14 @@ class Outcome:
 @dataclass
 class _Loaded:
     key: str
-    image: Image.Image | None = None  # upright RGB; smaller than size when decoded reduced
-    size: tuple[int, int] | None = None  # (W, H) of the upright full-resolution image
-    pixels: torch.Tensor | None = None  # the engine's input tensor, prepared in a loader thread
+    prepared: Prepared | None = None  # the engine's input (``MaskEngine.load_input``)
     outcome: Outcome | None = None  # set when the input already has its outcome
     timings_ms: dict = field(default_factory=dict)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(W, H) of the upright full-resolution image."""
+        return self.prepared.size
 
 
 class Pipeline:
@@ -99,7 +101,7 @@ class Pipeline:
         outcomes: deque[Future] = deque()
         for batch in self._loaded_batches(pool, keys):
             ready = [item for item in batch if item.outcome is None]
-            inferred = iter(loop.submit(self.spec, ready))
+            inferred = iter(loop.submit(self.spec, [item.prepared for item in ready]))
             for item in batch:
                 outcomes.append(_resolved(item.outcome) if item.outcome is not None
                                 else self._saved(pool, item, next(inferred)))
@@ -153,12 +155,8 @@ class Pipeline:
             started = time.perf_counter()
             data = self.source.read_bytes(key)
             read = time.perf_counter()
-            item.image, item.size = self.engine.decode(data, self.spec)
-            self.engine.check(item.image, self.spec)
-            decoded = time.perf_counter()
-            item.pixels = self.engine.prepare(item.image, self.spec)
-            item.timings_ms = {"download": (read - started) * 1e3, "decode": (decoded - read) * 1e3,
-                               "preprocess": (time.perf_counter() - decoded) * 1e3}
+            item.prepared = self.engine.load_input(data, self.spec)  # on a GPU, a JPEG stays encoded
+            item.timings_ms = {"download": (read - started) * 1e3, **(item.prepared.timings_ms or {})}
         except Exception as err:  # noqa: BLE001 - whatever it is, it fails this image alone
             item.outcome = self._failed(key, err)
         return item

@@ -284,3 +284,50 @@ def test_threshold_runs_after_normalize():
     assert not finish(mask, _spec(threshold=0.5))[1].any()
     _, binary = finish(mask, _spec(threshold=0.5, normalize=True))
     assert binary.tolist() == [[False] * 5 + [True] * 5]
+
+
+# --- many images of one size at once (worker/postprocess_batch.py), as a GPU batch runs them ----
+
+BATCH_SPECS = [
+    dict(),
+    dict(negative="bg"),
+    dict(invert=True, raw_bits=16),
+    dict(threshold=0.3, outputs=("mask",)),  # threshold applied in logit space
+]
+
+
+@pytest.mark.parametrize("options", BATCH_SPECS, ids=lambda o: ",".join(o) or "plain")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_rendering_a_block_of_images_matches_rendering_each(options, device):
+    from worker.postprocess import render
+    from worker.postprocess_batch import render_many
+
+    spec = MaskSpec.from_text("a|b|c", **options)
+    prompts = len(spec.prompts) + len(spec.negative_prompts)
+    logits = torch.stack([_logits(prompts, seed) for seed in range(5)]).to(device)
+    logits[3] = 0.7  # a flat mask
+    raw = "raw" in spec.outputs
+    blocks = list(render_many(logits, spec, SIZE, raw))
+    raws = torch.cat([r for r, _ in blocks]) if raw else None
+    binaries = torch.cat([b for _, b in blocks])
+    for i in range(5):
+        expected = render(logits[i], spec, SIZE, raw=raw)
+        reference, _ = finish(combine(logits[i].cpu(), spec, SIZE), spec)  # the float mask, spelled out
+        if spec.invert:
+            reference = 1.0 - reference
+        near = (reference - spec.threshold).abs() < 1e-5  # within float noise of the threshold
+        differ = binaries[i] != expected.binary_pixels.cpu()
+        assert not (differ & ~near).any(), i
+        if raw:
+            assert (raws[i].long() - expected.raw_pixels.cpu().long()).abs().max() <= 1, i
+
+
+def test_a_block_too_large_for_memory_is_rendered_in_parts(monkeypatch):
+    from worker import postprocess_batch
+
+    monkeypatch.setattr(postprocess_batch, "BLOCK_VALUES", 2 * 4 * SIZE[0] * SIZE[1])  # 2 images a block
+    spec = MaskSpec.from_text("a|b|c", "bg")
+    logits = torch.stack([_logits(4, seed) for seed in range(5)])
+    blocks = list(postprocess_batch.render_many(logits, spec, SIZE, raw=True))
+    assert [b.shape[0] for _, b in blocks] == [2, 2, 1]

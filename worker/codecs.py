@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import numpy as np
@@ -72,14 +73,9 @@ def decode_scaled(data: bytes, min_size: tuple[int, int] | None = None, limit: i
     applied to the decoded image (no copy when it is upright); ``size`` is always the full upright
     (W, H), from the header."""
     limit = max_pixels() if limit is None else limit
-    try:
-        image = Image.open(io.BytesIO(data))
+    with _image_errors():
+        image = _open_checked(data, limit)
         width, height = image.size
-        if width * height > limit:
-            raise ImageTooLargeError(
-                f"image is {width}x{height} = {width * height} pixels, over the limit of {limit}; "
-                "raise CLIPMASK_MAX_PIXELS if the file is trusted"
-            )
         if min_size is not None and image.format in ("JPEG", "MPO"):
             swap = image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
             image.draft(None, min_size[::-1] if swap else min_size)
@@ -90,6 +86,48 @@ def decode_scaled(data: bytes, min_size: tuple[int, int] | None = None, limit: i
         if method is not None:
             image = image.transpose(method)
         return Decoded(to_rgb(image), size)
+
+
+class Header(NamedTuple):
+    """What ``read_header`` learns of a file without decoding its pixels."""
+
+    format: str | None  # Pillow's: "JPEG", "PNG", "MPO", ...
+    mode: str  # Pillow's mode of the stored image: "RGB" (a YCbCr or RGB JPEG), "L", "CMYK", ...
+    size: tuple[int, int]  # (W, H) of the upright image, EXIF orientation applied
+    orientation: int  # EXIF orientation, 1 (upright, or unknown) to 8
+    info: dict  # Pillow's ``info`` (for a JPEG: "progressive", "adobe_transform", ...)
+
+
+def read_header(data: bytes, limit: int | None = None) -> Header:
+    """The header of an image file, read by Pillow without decoding pixels. Raises the errors
+    ``decode_scaled`` raises for the same file's header (unknown format, over ``limit`` pixels,
+    default ``max_pixels()``), with the same messages."""
+    limit = max_pixels() if limit is None else limit
+    with _image_errors():
+        image = _open_checked(data, limit)
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+        orientation = orientation if orientation in _UPRIGHT else 1
+        width, height = image.size
+        size = (height, width) if _UPRIGHT.get(orientation) in _SWAPS else (width, height)
+        return Header(image.format, image.mode, size, orientation, dict(image.info))
+
+
+def _open_checked(data: bytes, limit: int) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    if width * height > limit:
+        raise ImageTooLargeError(
+            f"image is {width}x{height} = {width * height} pixels, over the limit of {limit}; "
+            "raise CLIPMASK_MAX_PIXELS if the file is trusted"
+        )
+    return image
+
+
+@contextmanager
+def _image_errors():
+    """Pillow's exceptions for one file -> ``ImageDecodeError`` / ``ImageTooLargeError``."""
+    try:
+        yield
     except ImageTooLargeError:
         raise
     except UnidentifiedImageError as err:

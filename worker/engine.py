@@ -3,6 +3,8 @@
 Shaped like a transformers pipeline: ``preprocess`` (CPU, per profile), ``_forward`` (the only
 code touching the device, under ``inference_mode``), ``postprocess`` (back to plain arrays). The
 engine knows nothing of Celery or object storage; ``clipmask run`` and the Celery task both use it.
+``load_input`` + ``predict_prepared`` are the same from file bytes, with JPEGs decoded and
+preprocessed on the device when it is a GPU (``gpu_decode``).
 """
 
 from __future__ import annotations
@@ -10,20 +12,22 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from functools import partial
 from itertools import groupby
-from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
-from . import postprocess, preprocess
+from . import gpu_decode, postprocess, postprocess_batch, preprocess
 from .codecs import Decoded, decode_scaled
 from .config import env_int
 from .devices import default_batch_size, resolve_device, resolve_dtype
 from .forward import SplitCLIPSeg
+from .gpu_decode import Prepared
 from .model import LoadedModel, load_model, model_reference
-from .spec import OUTPUTS, MaskSpec
+from .result import MaskResult, output_roles  # noqa: F401 - part of the engine's API
+from .spec import MaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -31,68 +35,11 @@ log = logging.getLogger(__name__)
 TEXT_CACHE_SIZE = 1024
 
 
-def output_roles(spec: MaskSpec) -> tuple[str, ...]:
-    """The image outputs ``spec`` asks for (``MaskSpec.outputs``), in ``OUTPUTS`` order."""
-    return tuple(role for role in OUTPUTS if role in spec.outputs)
-
-
-class MaskResult:
-    """One image's masks, (H, W).
-
-    ``raw_pixels(bits)`` (``round(raw * (2**bits - 1))``) and ``binary_pixels()`` (0/255) are what
-    the output PNGs hold; the engine makes them directly (``postprocess.render``). ``raw``
-    (float32 in [0, 1]) and ``binary`` (bool) are kept when the path made them; otherwise ``raw``
-    is computed from the logits on first use (the straightforward path, equal within float
-    noise) and ``binary`` is read from the pixels.
-    """
-
-    def __init__(self, raw: np.ndarray | None = None, binary: np.ndarray | None = None,
-                 timings_ms: dict | None = None, *, raw_pixels: dict[int, np.ndarray] | None = None,
-                 binary_pixels: np.ndarray | None = None,
-                 compute: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None):
-        self._raw, self._binary, self._compute = raw, binary, compute
-        self._raw_pixels = dict(raw_pixels or {})
-        self._binary_pixels = binary_pixels
-        self.timings_ms = {} if timings_ms is None else timings_ms
-        self.batch_images = 1  # images in the forward pass that made this result
-
-    @property
-    def raw(self) -> np.ndarray:
-        if self._raw is None:
-            self._raw, binary = self._compute()
-            if self._binary is None and self._binary_pixels is None:
-                self._binary = binary
-        return self._raw
-
-    @property
-    def binary(self) -> np.ndarray:
-        if self._binary is None:
-            self._binary = self._binary_pixels != 0 if self._binary_pixels is not None else self._compute()[1]
-        return self._binary
-
-    @property
-    def coverage(self) -> float:
-        """Fraction of pixels on in the thresholded mask."""
-        pixels = self.binary_pixels()
-        return float(np.count_nonzero(pixels)) / pixels.size if pixels.size else 0.0
-
-    def raw_pixels(self, bits: int = 8) -> np.ndarray:
-        """``round(raw * (2**bits - 1))`` as uint8 or uint16."""
-        if bits not in self._raw_pixels:
-            top = (1 << bits) - 1
-            self._raw_pixels[bits] = np.rint(self.raw * top).astype(np.uint8 if bits == 8 else np.uint16)
-        return self._raw_pixels[bits]
-
-    def binary_pixels(self) -> np.ndarray:
-        if self._binary_pixels is None:
-            self._binary_pixels = self.binary.astype(np.uint8) * 255
-        return self._binary_pixels
-
-
 class MaskEngine:
     """CLIPSeg on one device with a bounded cache of text embeddings."""
 
-    def __init__(self, loaded: LoadedModel, device: torch.device, batch_size: int | None = None):
+    def __init__(self, loaded: LoadedModel, device: torch.device, batch_size: int | None = None,
+                 device_decode: bool | None = None):
         self.loaded = loaded
         self.device = device
         self.dtype = next(loaded.model.parameters()).dtype
@@ -104,14 +51,22 @@ class MaskEngine:
         #: ``CLIPMASK_REDUCED_DECODE=0`` asks.
         self.decode_margin = preprocess.DECODE_MARGIN if env_int("CLIPMASK_REDUCED_DECODE", 1) else 0
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        #: ``load_input`` leaves JPEGs encoded for the device (``gpu_decode``): on CUDA unless
+        #: ``CLIPMASK_DEVICE_DECODE=0``; the tests turn it on for the CPU.
+        self.device_decode = (device.type == "cuda" and env_int("CLIPMASK_DEVICE_DECODE", 1) != 0
+                              if device_decode is None else device_decode)
+        #: ``CLIPMASK_COMPILE=1``: the backbone under ``torch.compile`` (CUDA only; bench_gpu.py).
+        self.compiled = device.type == "cuda" and env_int("CLIPMASK_COMPILE", 0) != 0
+        if self.compiled:
+            self.split.backbone = torch.compile(self.split.backbone)
 
     @classmethod
     def load(cls, model: str | None = None, device: str = "auto", precision: str = "auto",
-             batch_size: int | None = None) -> "MaskEngine":
+             batch_size: int | None = None, device_decode: bool | None = None) -> "MaskEngine":
         """Resolve device and precision, load the model (``CLIPMASK_MODEL`` by default)."""
         torch_device = resolve_device(device)
         loaded = load_model(model_reference(model), torch_device, resolve_dtype(torch_device, precision))
-        return cls(loaded, torch_device, batch_size)
+        return cls(loaded, torch_device, batch_size, device_decode)
 
     @property
     def model_info(self) -> dict:
@@ -139,10 +94,26 @@ class MaskEngine:
         image's own size."""
         if pixels is None:
             return self._prepare_and_predict(images, spec, sizes)
-        sizes = [image.size for image in images] if sizes is None else sizes
-        results: list[MaskResult | None] = [None] * len(images)
+        return self._predict_pixels(pixels, [image.size for image in images] if sizes is None else sizes, spec)
+
+    def load_input(self, data: bytes, spec: MaskSpec) -> Prepared:
+        """One file, ready for ``predict_prepared``; thread-safe, for loader threads. With
+        ``device_decode``, a JPEG the device can decode stays encoded (header read only); other
+        files are decoded, checked and prepared as ``decode``, ``check`` and ``prepare`` do.
+        Raises their per-image errors (``ImageDecodeError``, ``ImageTooLargeError``, ...)."""
+        return gpu_decode.load_input(self, data, spec)
+
+    def predict_prepared(self, items: list[Prepared], spec: MaskSpec) -> list[MaskResult | Exception]:
+        """Masks for ``load_input`` results, in order: encoded JPEGs decoded and preprocessed on
+        the device in one batch, then ``predict``'s batches. A file the device (and then Pillow)
+        cannot decode gets its exception in its place; a failed forward raises, as in ``predict``."""
+        return gpu_decode.predict_prepared(self, items, spec)
+
+    def _predict_pixels(self, pixels: list[torch.Tensor], sizes: list[tuple[int, int]],
+                        spec: MaskSpec) -> list[MaskResult]:
+        results: list[MaskResult | None] = [None] * len(pixels)
         shape = lambda i: tuple(pixels[i].shape)  # noqa: E731
-        for _, group in groupby(sorted(range(len(images)), key=shape), key=shape):
+        for _, group in groupby(sorted(range(len(pixels)), key=shape), key=shape):
             group = list(group)
             for start in range(0, len(group), self.batch_size):
                 indices = group[start:start + self.batch_size]
@@ -152,11 +123,10 @@ class MaskEngine:
                     results[i] = result
         return results
 
-    def run_batch(self, spec: MaskSpec, items: list) -> list[MaskResult]:
-        """The device loop's work (``worker.batcher``): masks for loaded items, each with
-        ``image``, ``pixels`` (its ``prepare`` tensor) and ``size`` (full (W, H))."""
-        return self.predict([item.image for item in items], spec, [item.pixels for item in items],
-                            [item.size for item in items])
+    def run_batch(self, spec: MaskSpec, items: list[Prepared]) -> list[MaskResult | Exception]:
+        """The device loop's work (``worker.batcher``): ``predict_prepared`` under the loop's
+        arguments order."""
+        return self.predict_prepared(items, spec)
 
     def _prepare_and_predict(self, images: list[Image.Image], spec: MaskSpec,
                              sizes: list[tuple[int, int]] | None) -> list[MaskResult]:
@@ -172,8 +142,11 @@ class MaskEngine:
         started = time.perf_counter()
         logits = self._forward(pixels, spec)
         share = (time.perf_counter() - started) * 1000.0 / len(sizes)
-        results = [self._postprocess(size, image_logits, spec)
-                   for size, image_logits in zip(sizes, logits, strict=True)]
+        if postprocess_batch.batchable(spec, self.device):
+            results = self._postprocess_many(sizes, logits, spec)
+        else:
+            results = [self._postprocess(size, image_logits, spec)
+                       for size, image_logits in zip(sizes, logits, strict=True)]
         for result in results:
             result.timings_ms["inference"] = share
             result.batch_images = len(sizes)  # images in this forward pass, for the metadata record
@@ -184,7 +157,7 @@ class MaskEngine:
         """(N, 3, S, S) pixels -> (N, prompts, S', S') logits on the device."""
         images = pixels.shape[0]
         prompts = spec.all_prompts
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and pixels.device.type == "cpu":
             pixels = pixels.pin_memory()  # lets the copy below overlap with the host
         pixels = pixels.to(self.device, self.dtype, non_blocking=True)
         reduced = self.split.reduce(self.split.backbone(pixels))
@@ -211,6 +184,30 @@ class MaskEngine:
                             compute=compute)
         result.timings_ms["postprocess"] = (time.perf_counter() - started) * 1000.0
         return result
+
+    @torch.inference_mode()
+    def _postprocess_many(self, sizes: list[tuple[int, int]], logits: torch.Tensor, spec: MaskSpec) -> list[MaskResult]:
+        """``_postprocess`` for a batch on a GPU: images of one size together (``postprocess_batch``)."""
+        started = time.perf_counter()
+        results: list[MaskResult | None] = [None] * len(sizes)
+        raw = "raw" in output_roles(spec)
+        for (width, height), group in groupby(sorted(range(len(sizes)), key=sizes.__getitem__), key=sizes.__getitem__):
+            group, done = list(group), 0
+            for raw_block, binary_block in postprocess_batch.render_many(logits[group], spec, (height, width), raw):
+                raw_block = None if raw_block is None else raw_block.numpy().astype(
+                    np.uint8 if spec.raw_bits == 8 else np.uint16, copy=False)
+                binary_block = binary_block.numpy()
+                for offset in range(binary_block.shape[0]):
+                    i = group[done + offset]
+                    results[i] = MaskResult(
+                        raw_pixels={} if raw_block is None else {spec.raw_bits: raw_block[offset]},
+                        binary_pixels=binary_block[offset],
+                        compute=partial(self._float_masks, logits[i], spec, (height, width)))
+                done += binary_block.shape[0]
+        share = (time.perf_counter() - started) * 1000.0 / max(1, len(sizes))
+        for result in results:
+            result.timings_ms["postprocess"] = share
+        return results
 
     @torch.inference_mode()
     def _float_masks(self, logits: torch.Tensor, spec: MaskSpec, shape: tuple[int, int]):

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import weakref
+from itertools import groupby
 from typing import Callable
 
 import numpy as np
@@ -116,7 +117,9 @@ def _direct_processor(processor) -> Callable[[Image.Image], torch.Tensor] | None
     return direct
 
 
-def _build_direct(image_processor) -> Callable[[Image.Image], torch.Tensor] | None:
+def _direct_steps(image_processor) -> tuple[int, int, torch.Tensor, torch.Tensor] | None:
+    """(height, width, mean, std) of the direct steps (mean and std (3, 1, 1), on the 0..255
+    scale), or ``None`` when the processor configures anything else."""
     get = lambda name: getattr(image_processor, name, None)  # noqa: E731
     size = get("size")
     height, width = (_size_value(size, "height"), _size_value(size, "width")) if size else (None, None)
@@ -128,7 +131,14 @@ def _build_direct(image_processor) -> Callable[[Image.Image], torch.Tensor] | No
         return None
     mean = torch.tensor(get("image_mean")) * (1.0 / get("rescale_factor"))
     std = torch.tensor(get("image_std")) * (1.0 / get("rescale_factor"))
-    mean, std = mean.view(-1, 1, 1), std.view(-1, 1, 1)
+    return height, width, mean.view(-1, 1, 1), std.view(-1, 1, 1)
+
+
+def _build_direct(image_processor) -> Callable[[Image.Image], torch.Tensor] | None:
+    steps = _direct_steps(image_processor)
+    if steps is None:
+        return None
+    height, width, mean, std = steps
 
     def direct(image: Image.Image) -> torch.Tensor:
         # (1, 3, H, W) over HWC memory: the channels-last layout takes torch's vectorized uint8 path
@@ -138,6 +148,45 @@ def _build_direct(image_processor) -> Callable[[Image.Image], torch.Tensor] | No
         return pixels.to(torch.float32, memory_format=torch.contiguous_format).sub_(mean).div_(std)
 
     return direct
+
+
+#: ``tensor_pixel_values`` resizes images of one shape together, this many pixels at most per call
+#: (as float32 on a GPU: 12 bytes a pixel), so that a batch of large photos stays within memory.
+GROUP_PIXELS = 1 << 26
+
+
+def has_direct(processor) -> bool:
+    """Whether the default profile's direct steps stand for ``processor`` (checked equal to it),
+    which ``tensor_pixel_values`` needs."""
+    return _direct_processor(processor) is not None
+
+
+def tensor_pixel_values(images: list[torch.Tensor], processor) -> list[torch.Tensor]:
+    """The default profile's (3, S, S) float32 pixels of upright uint8 (3, H, W) RGB tensors, on
+    their own device (a GPU after device decoding): the direct steps (``_build_direct``), images
+    of one shape resized in one call. On the CPU this equals ``pixel_values`` bit for bit; on a
+    GPU torch resizes uint8 in float32 and rounds, which may move a value by one grey level.
+    Raises ``ValueError`` when ``has_direct(processor)`` is false."""
+    if not has_direct(processor):
+        raise ValueError("this image processor has no direct steps; prepare images with pixel_values")
+    height, width, mean, std = _direct_steps(getattr(processor, "image_processor", processor))
+    out: list[torch.Tensor | None] = [None] * len(images)
+    shape = lambda i: tuple(images[i].shape)  # noqa: E731
+    for (_, rows, cols), group in groupby(sorted(range(len(images)), key=shape), key=shape):
+        group = list(group)
+        step = max(1, GROUP_PIXELS // (rows * cols))
+        for start in range(0, len(group), step):
+            indices = group[start:start + step]
+            batch = torch.stack([images[i] for i in indices])
+            if batch.device.type == "cpu":  # the layout ``_build_direct`` resizes in, for equal results
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            batch = tvF.resize(batch, [height, width], interpolation=tvF.InterpolationMode.BILINEAR,
+                               antialias=True)
+            batch = batch.to(torch.float32, memory_format=torch.contiguous_format)
+            batch = batch.sub_(mean.to(batch.device)).div_(std.to(batch.device))
+            for i, pixels in zip(indices, batch, strict=True):
+                out[i] = pixels
+    return out
 
 
 def _masquerade_pixels(image: Image.Image) -> torch.Tensor:

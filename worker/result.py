@@ -1,0 +1,71 @@
+"""One image's masks as the engine returns them (``MaskResult``), and the outputs a spec asks for.
+
+Kept apart from ``engine`` so that the engine module stays about the device; ``worker.engine``
+re-exports both names.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .spec import OUTPUTS, MaskSpec
+
+
+def output_roles(spec: MaskSpec) -> tuple[str, ...]:
+    """The image outputs ``spec`` asks for (``MaskSpec.outputs``), in ``OUTPUTS`` order."""
+    return tuple(role for role in OUTPUTS if role in spec.outputs)
+
+
+class MaskResult:
+    """One image's masks, (H, W).
+
+    ``raw_pixels(bits)`` (``round(raw * (2**bits - 1))``) and ``binary_pixels()`` (0/255) are what
+    the output PNGs hold; the engine makes them directly (``postprocess.render``). ``raw``
+    (float32 in [0, 1]) and ``binary`` (bool) are kept when the path made them; otherwise ``raw``
+    is computed from the logits on first use (the straightforward path, equal within float
+    noise) and ``binary`` is read from the pixels.
+    """
+
+    def __init__(self, raw: np.ndarray | None = None, binary: np.ndarray | None = None,
+                 timings_ms: dict | None = None, *, raw_pixels: dict[int, np.ndarray] | None = None,
+                 binary_pixels: np.ndarray | None = None,
+                 compute: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None):
+        self._raw, self._binary, self._compute = raw, binary, compute
+        self._raw_pixels = dict(raw_pixels or {})
+        self._binary_pixels = binary_pixels
+        self.timings_ms = {} if timings_ms is None else timings_ms
+        self.batch_images = 1  # images in the forward pass that made this result
+
+    @property
+    def raw(self) -> np.ndarray:
+        if self._raw is None:
+            self._raw, binary = self._compute()
+            if self._binary is None and self._binary_pixels is None:
+                self._binary = binary
+        return self._raw
+
+    @property
+    def binary(self) -> np.ndarray:
+        if self._binary is None:
+            self._binary = self._binary_pixels != 0 if self._binary_pixels is not None else self._compute()[1]
+        return self._binary
+
+    @property
+    def coverage(self) -> float:
+        """Fraction of pixels on in the thresholded mask."""
+        pixels = self.binary_pixels()
+        return float(np.count_nonzero(pixels)) / pixels.size if pixels.size else 0.0
+
+    def raw_pixels(self, bits: int = 8) -> np.ndarray:
+        """``round(raw * (2**bits - 1))`` as uint8 or uint16."""
+        if bits not in self._raw_pixels:
+            top = (1 << bits) - 1
+            self._raw_pixels[bits] = np.rint(self.raw * top).astype(np.uint8 if bits == 8 else np.uint16)
+        return self._raw_pixels[bits]
+
+    def binary_pixels(self) -> np.ndarray:
+        if self._binary_pixels is None:
+            self._binary_pixels = self.binary.astype(np.uint8) * 255
+        return self._binary_pixels
