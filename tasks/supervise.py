@@ -41,27 +41,29 @@ def child_command(device: str, args: argparse.Namespace, extra: list[str]) -> li
 
 def supervise_workers(devices: list[str], args: argparse.Namespace, extra: list[str]) -> int:
     """Run one child worker per device until a shutdown signal; returns the worst exit code."""
-    commands = {device: child_command(device, args, extra) for device in devices}
+    commands = [child_command(device, args, extra) for device in devices]
     # The parent serves the metrics; children only write their samples (PROMETHEUS_MULTIPROC_DIR).
     env = {**os.environ, "CLIPMASK_METRICS_PORT": "0"}
-    start = lambda device: subprocess.Popen(commands[device], env=env)  # noqa: E731
-    children = {device: start(device) for device in devices}
+    start = lambda slot: subprocess.Popen(commands[slot], env=env)  # noqa: E731
+    children = [start(slot) for slot in range(len(devices))]
     stopping: list[int] = []
 
     def forward(signum, _frame) -> None:
         stopping.append(signum)
-        for child in children.values():
+        for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(signum, forward)
     while not stopping:
-        for device, child in list(children.items()):
+        for slot, child in enumerate(children):
             code = child.poll()
             if code is not None and not stopping:
-                log.error("worker on %s exited with %s; starting it again in %ds", device, code, RESTART_DELAY_S)
+                log.error("worker on %s exited with %s; starting it again in %ds", devices[slot], code,
+                          RESTART_DELAY_S)
                 time.sleep(RESTART_DELAY_S)
-                children[device] = start(device)
+                if not stopping:
+                    children[slot] = start(slot)
         time.sleep(0.5)
-    return max((child.wait() for child in children.values()), default=0)
+    return max((child.wait() for child in children), default=0)

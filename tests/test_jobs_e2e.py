@@ -393,3 +393,61 @@ def test_submit_status_cancel_and_resume_run_without_the_gpu_side(bucket_with_in
         result = job_side(*args)
         assert result.returncode == 0, (args, result.stderr)
     assert "cancelled" in result.stdout
+
+
+SUPERVISOR = """
+import argparse, sys
+from tasks.supervise import supervise_workers
+args = argparse.Namespace(tasks=2, precision="auto", loglevel="INFO")
+sys.exit(supervise_workers(["cpu", "cpu"], args, ["-n", "sup@%h"]))
+"""
+
+
+def test_one_worker_per_device_restarted_when_it_dies_and_stopped_by_sigterm(bucket_with_inputs, job_env, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.processes import REPO
+
+    log_path = tmp_path / "supervisor.log"
+    # Given the parent that `clipmask worker` runs on a machine with two devices (two CPU children here)
+    with open(log_path, "wb") as log:
+        parent = subprocess.Popen([sys.executable, "-c", SUPERVISOR], env=job_env, cwd=REPO, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        children = _children_of(parent.pid, count=2)
+        # When a job runs, its chunks are served
+        assert wait_for(submit(bucket_with_inputs, job_env, "--chunk-size", "1"), job_env)["state"] == "finished"
+        # And when one child dies, it is started again
+        os.kill(children[0], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while children[0] in _children_of(parent.pid, count=2, wait=False) or \
+                len(_children_of(parent.pid, count=2, wait=False)) < 2:
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.5)
+        assert "starting it again" in log_path.read_text()
+        # Then SIGTERM to the parent stops every child warmly, and the parent exits 0
+        survivors = _children_of(parent.pid, count=2)
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(90) == 0, log_path.read_text()
+        assert not any(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+                       for pid in survivors)
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+            parent.wait(30)
+
+
+def _children_of(pid: int, count: int, wait: bool = True) -> list[int]:
+    """The pids of ``pid``'s child processes; with ``wait``, once there are ``count`` of them."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            children = [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+        except FileNotFoundError:
+            children = []
+        if not wait or len(children) >= count or time.monotonic() > deadline:
+            return children
+        time.sleep(0.2)
