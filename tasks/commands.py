@@ -123,9 +123,13 @@ def preview(args: argparse.Namespace, _extra: list[str]) -> int:
     return 0
 
 
+#: Set in the environment of the worker processes that ``tasks.supervise`` starts.
+CHILD_ENV = "CLIPMASK_WORKER_CHILD"
+
+
 def worker(args: argparse.Namespace, extra: list[str]) -> int:
-    """One Celery worker per device: in this process for one device (exec-free, so SIGTERM
-    reaches it and shuts down warmly), else one child process per GPU (``tasks.supervise``)."""
+    """One Celery worker process per device, each a child of this process (``tasks.supervise``),
+    which forwards SIGTERM to them (a warm shutdown) and starts again one that exits on its own."""
     from worker.model import check_model_available, model_reference
 
     devices = _worker_devices(args)
@@ -135,12 +139,12 @@ def worker(args: argparse.Namespace, extra: list[str]) -> int:
         os.environ["CLIPMASK_BATCH_SIZE"] = str(args.batch_size)
     os.environ["CLIPMASK_PRECISION"] = args.precision
     check_model_available(model_reference())
+    if os.environ.get(CHILD_ENV):  # started by the supervisor below: one device, in this process
+        return _serve_device(devices[0], args, extra)
     _serve_metrics()  # here, for all devices: children write their samples to its folder
-    if len(devices) > 1:
-        from .supervise import supervise_workers
+    from .supervise import supervise_workers
 
-        return supervise_workers(devices, args, extra)
-    return _serve_device(devices[0], args, extra)
+    return supervise_workers(devices, args, extra)
 
 
 def _serve_device(device: str, args: argparse.Namespace, extra: list[str]) -> int:

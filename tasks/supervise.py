@@ -1,9 +1,12 @@
-"""``clipmask worker`` on several GPUs: one child ``clipmask worker --device cuda:N`` per GPU.
+"""``clipmask worker``: one child ``clipmask worker --device D`` per device, kept running.
 
 Each child is a whole Celery worker with its own engine and device loop (a CUDA context per
 process, made after its own start, never inherited). The parent forwards SIGTERM, SIGINT and
 SIGQUIT to every child (a warm shutdown: running tasks finish), and starts again a child that
-died on its own, after a pause, as Celery's prefork pool replaces a dead pool process.
+exited on its own, after a pause, as Celery's prefork pool replaces a dead pool process. That
+covers a worker that gives up: Celery's consumer can stop with an "Unrecoverable error" when the
+Redis broker goes away while its threads acknowledge tasks; its unacknowledged tasks are then
+redelivered (visibility timeout, healing) and its replacement waits for the broker.
 """
 
 from __future__ import annotations
@@ -22,11 +25,14 @@ log = logging.getLogger("clipmask.worker")
 RESTART_DELAY_S = 5
 
 
-def child_command(device: str, args: argparse.Namespace, extra: list[str]) -> list[str]:
-    """The ``clipmask worker`` line of the child for ``device``; a node name given with ``-n``
-    gets the device in it (``w@%h`` becomes ``w-cuda1@%h``), else ``clipmask-cuda1@%h``."""
+def child_command(device: str, args: argparse.Namespace, extra: list[str], tagged: bool = True) -> list[str]:
+    """The ``clipmask worker`` line of the child for ``device``. When ``tagged`` (several devices),
+    a node name given with ``-n`` gets the device in it (``w@%h`` becomes ``w-cuda1@%h``), else
+    it is ``clipmask-cuda1@%h``; untagged, the name is left to ``extra`` and Celery."""
     extra = list(extra)
     tag = device.replace(":", "")
+    if not tagged:
+        return _worker_line(device, args, extra)
     for flag in ("-n", "--hostname"):
         if flag in extra[:-1]:
             at = extra.index(flag) + 1
@@ -35,15 +41,19 @@ def child_command(device: str, args: argparse.Namespace, extra: list[str]) -> li
             break
     else:
         extra += ["-n", f"clipmask-{tag}@%h"]
+    return _worker_line(device, args, extra)
+
+
+def _worker_line(device: str, args: argparse.Namespace, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "tasks.cli", "worker", "--device", device, "--tasks", str(args.tasks),
             "--precision", args.precision, "--loglevel", args.loglevel, *extra]
 
 
 def supervise_workers(devices: list[str], args: argparse.Namespace, extra: list[str]) -> int:
     """Run one child worker per device until a shutdown signal; returns the worst exit code."""
-    commands = [child_command(device, args, extra) for device in devices]
+    commands = [child_command(device, args, extra, tagged=len(devices) > 1) for device in devices]
     # The parent serves the metrics; children only write their samples (PROMETHEUS_MULTIPROC_DIR).
-    env = {**os.environ, "CLIPMASK_METRICS_PORT": "0"}
+    env = {**os.environ, "CLIPMASK_METRICS_PORT": "0", "CLIPMASK_WORKER_CHILD": "1"}
     start = lambda slot: subprocess.Popen(commands[slot], env=env)  # noqa: E731
     children = [start(slot) for slot in range(len(devices))]
     stopping: list[int] = []

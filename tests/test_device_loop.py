@@ -132,3 +132,4 @@ def test_each_gpu_gets_a_worker_of_its_own_with_the_device_in_its_name():
     assert line[1:] == ["-m", "tasks.cli", "worker", "--device", "cuda:1", "--tasks", "8", "--precision", "auto",
                         "--loglevel", "INFO", "-n", "w-cuda1@box", "--without-gossip"]
     assert child_command("cuda:0", args, [])[-2:] == ["-n", "clipmask-cuda0@%h"]
+    assert child_command("cpu", args, ["-n", "w@box"], tagged=False)[-2:] == ["-n", "w@box"]  # one device
