@@ -92,12 +92,13 @@ def run_measured(args: list[str], env: dict) -> tuple[float, int, str]:
     return time.perf_counter() - started, usage.ru_maxrss // 1024, out
 
 
-def wait_manifest(client: redis.Redis, job_id: str, timeout: float = 1800) -> float:
+def wait_manifest(client: redis.Redis, job_id: str, timeout: float = 1800, interval: float = 0.2) -> float:
+    """Seconds until the job's manifest is written (polling its Redis record every ``interval``)."""
     started = time.perf_counter()
     while not client.hget(f"clipmask:job:{job_id}", "manifest"):
         if time.perf_counter() - started > timeout:
             raise TimeoutError(f"job {job_id} not finished after {timeout}s")
-        time.sleep(0.2)
+        time.sleep(interval)
     return time.perf_counter() - started
 
 

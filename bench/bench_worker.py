@@ -36,6 +36,7 @@ sys.path[:0] = [str(REPO), str(BENCH_DIR)]
 
 from bench_engine import ensure_model  # noqa: E402
 from bench_host import make_jpeg  # noqa: E402
+from bench_jobs import wait_manifest  # noqa: E402
 from tests.services import RedisServer  # noqa: E402
 
 CLIPMASK = str(REPO / ".venv" / "bin" / "clipmask")
@@ -52,21 +53,13 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def wait_manifest(client: redis.Redis, job_id: str, timeout: float = 3600) -> None:
-    deadline = time.monotonic() + timeout
-    while not client.hget(f"clipmask:job:{job_id}", "manifest"):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"job {job_id} not finished after {timeout}s")
-        time.sleep(0.1)
-
-
 def job_rate(source: Path, dest: Path, chunk: int, env: dict, client: redis.Redis) -> float:
     """Images/s of one job, from the start of ``clipmask submit`` to its manifest."""
     started = time.perf_counter()
     out = subprocess.run([CLIPMASK, "submit", str(source), "--out", str(dest), "--prompt", PROMPT,
                           "--negative", NEGATIVE, "--chunk-size", str(chunk)],
                          env=env, capture_output=True, text=True, check=True).stdout
-    wait_manifest(client, out.strip().splitlines()[-1])
+    wait_manifest(client, out.strip().splitlines()[-1], timeout=3600, interval=0.1)
     return sum(1 for _ in source.iterdir()) / (time.perf_counter() - started)
 
 

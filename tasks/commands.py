@@ -138,9 +138,9 @@ def worker(args: argparse.Namespace, extra: list[str]) -> int:
     if args.batch_size:
         os.environ["CLIPMASK_BATCH_SIZE"] = str(args.batch_size)
     os.environ["CLIPMASK_PRECISION"] = args.precision
-    check_model_available(model_reference())
-    if os.environ.get(CHILD_ENV):  # started by the supervisor below: one device, in this process
+    if os.environ.get(CHILD_ENV):  # started by the supervisor below (which checked the model)
         return _serve_device(devices[0], args, extra)
+    check_model_available(model_reference())
     _serve_metrics()  # here, for all devices: children write their samples to its folder
     from .supervise import supervise_workers
 

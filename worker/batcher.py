@@ -71,10 +71,6 @@ class DeviceLoop:
             self._cond.notify()
         return [request.future for request in requests]
 
-    def pending(self) -> int:
-        with self._cond:
-            return sum(len(queue) for queue in self._pending.values())
-
     def _serve(self) -> None:
         while True:
             key, batch = self._next_batch()
@@ -137,7 +133,8 @@ def device_loop(engine, on_batch: Callable[[int], None] | None = None) -> Device
         with _LOOPS_LOCK:
             loop = getattr(engine, "_device_loop", None)
             if loop is None:
-                loop = DeviceLoop(engine.run_batch, engine.batch_size, name=f"clipmask-device-{engine.device}")
+                loop = DeviceLoop(lambda spec, items: engine.predict_prepared(items, spec), engine.batch_size,
+                                  name=f"clipmask-device-{engine.device}")
                 if on_batch is not None:
                     loop.on_batch.append(on_batch)
                 engine._device_loop = loop

@@ -123,11 +123,6 @@ class MaskEngine:
                     results[i] = result
         return results
 
-    def run_batch(self, spec: MaskSpec, items: list[Prepared]) -> list[MaskResult | Exception]:
-        """The device loop's work (``worker.batcher``): ``predict_prepared`` under the loop's
-        arguments order."""
-        return self.predict_prepared(items, spec)
-
     def _prepare_and_predict(self, images: list[Image.Image], spec: MaskSpec,
                              sizes: list[tuple[int, int]] | None) -> list[MaskResult]:
         started = time.perf_counter()
