@@ -123,10 +123,6 @@ def preview(args: argparse.Namespace, _extra: list[str]) -> int:
     return 0
 
 
-#: Set in the environment of the worker processes that ``tasks.supervise`` starts.
-CHILD_ENV = "CLIPMASK_WORKER_CHILD"
-
-
 def worker(args: argparse.Namespace, extra: list[str]) -> int:
     """One Celery worker process per device, each a child of this process (``tasks.supervise``),
     which forwards SIGTERM to them (a warm shutdown) and starts again one that exits on its own."""
@@ -138,12 +134,12 @@ def worker(args: argparse.Namespace, extra: list[str]) -> int:
     if args.batch_size:
         os.environ["CLIPMASK_BATCH_SIZE"] = str(args.batch_size)
     os.environ["CLIPMASK_PRECISION"] = args.precision
+    from .supervise import CHILD_ENV, supervise_workers
+
     if os.environ.get(CHILD_ENV):  # started by the supervisor below (which checked the model)
         return _serve_device(devices[0], args, extra)
     check_model_available(model_reference())
     _serve_metrics()  # here, for all devices: children write their samples to its folder
-    from .supervise import supervise_workers
-
     return supervise_workers(devices, args, extra)
 
 

@@ -21,6 +21,8 @@ import time
 
 log = logging.getLogger("clipmask.worker")
 
+#: Set in each child's environment: that ``clipmask worker`` serves its one device itself.
+CHILD_ENV = "CLIPMASK_WORKER_CHILD"
 #: Seconds between a child's unexpected death and its replacement.
 RESTART_DELAY_S = 5
 
@@ -53,7 +55,7 @@ def supervise_workers(devices: list[str], args: argparse.Namespace, extra: list[
     """Run one child worker per device until a shutdown signal; returns the worst exit code."""
     commands = [child_command(device, args, extra, tagged=len(devices) > 1) for device in devices]
     # The parent serves the metrics; children only write their samples (PROMETHEUS_MULTIPROC_DIR).
-    env = {**os.environ, "CLIPMASK_METRICS_PORT": "0", "CLIPMASK_WORKER_CHILD": "1"}
+    env = {**os.environ, "CLIPMASK_METRICS_PORT": "0", CHILD_ENV: "1"}
     start = lambda slot: subprocess.Popen(commands[slot], env=env)  # noqa: E731
     children = [start(slot) for slot in range(len(devices))]
     stopping: list[int] = []
