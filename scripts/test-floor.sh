@@ -21,5 +21,5 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 echo "floor versions in $VENV:"
 "$VENV/bin/python" -m pip list 2>/dev/null \
-  | grep -iE '^(torch|torchvision|transformers|tokenizers|huggingface[-_]hub|safetensors|pillow|numpy|tqdm|celery|kombu|redis|boto3|botocore) '
+  | grep -iE '^(torch|torchvision|transformers|tokenizers|huggingface[-_]hub|safetensors|pillow|isal|numpy|tqdm|celery|kombu|redis|boto3|botocore) '
 exec "$VENV/bin/python" -m pytest -q tests/test_engine.py tests/test_postprocess.py tests/test_spec.py tests/test_codecs.py "$@"
