@@ -11,6 +11,10 @@ each after a warm-up request, with the worker already up:
 2. 32 one-image ``mask_image`` requests sent together against the same 32 sent one at a time,
    each waiting for its answer: images/s, the ratio (target >= 1.3), and the batch sizes their
    metadata records report.
+3. The model's own ceiling for (2), in this process while the worker idles: the forward pass
+   alone over the same 32 prepared images, one at a time on every thread (as a lone request
+   runs) against batches of the CPU batch size run side by side (as concurrent requests run at
+   best). No host work, no queue: what batching and side-by-side passes can gain at most.
 
 CPU figures; these machines are noisy, so compare only within one run.
 
@@ -26,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import redis
@@ -79,6 +84,34 @@ def offload_rate(app, source: Path, dest: Path, keys: list[str], together: bool)
     return len(keys) / seconds, [row["metadata"]["worker"]["batch_images"] for row in rows]
 
 
+def model_ceiling(model: Path, precision: str, source: Path, keys: list[str]) -> tuple[float, float, int]:
+    """Images/s of the forward pass alone over ``keys``: one image at a time on every thread, and
+    batches of the engine's batch size ``engine.streams`` at a time; and that batch size."""
+    import torch
+
+    from worker.engine import MaskEngine
+    from worker.spec import MaskSpec
+
+    engine = MaskEngine.load(str(model), device="cpu", precision=precision)
+    spec = MaskSpec.from_text(PROMPT, NEGATIVE)
+    pixels = [engine.prepare(engine.decode((source / key).read_bytes(), spec).image, spec) for key in keys]
+
+    def rate(batch: int, streams: int, alone: bool) -> float:
+        batches = [torch.stack(pixels[i:i + batch]) for i in range(0, len(pixels), batch)]
+
+        def forward(images):
+            engine.share_threads(alone)  # as the device loop sets each pass's threads
+            engine._forward(images, spec)
+
+        with ThreadPoolExecutor(streams) as pool:
+            list(pool.map(forward, batches[:streams]))  # warm-up
+            started = time.perf_counter()
+            list(pool.map(forward, batches))
+        return len(pixels) / (time.perf_counter() - started)
+
+    return rate(1, 1, True), rate(engine.batch_size, engine.streams, False), engine.batch_size
+
+
 def main() -> None:
     args = parse_args()
     model = ensure_model(args.model_dir)
@@ -119,6 +152,10 @@ def main() -> None:
                 print(f"  one at a time: {alone:6.2f} img/s (batch sizes {sorted(set(alone_batches))})\n"
                       f"  32 together:   {together:6.2f} img/s (batch sizes: mean {sum(batches) / len(batches):.1f}, "
                       f"max {max(batches)})\n  ratio {together / alone:.2f} (target >= 1.3)", flush=True)
+                one, batched, size = model_ceiling(model, args.precision, source, requests)
+                print(f"\n3. the model alone, the same {len(requests)} images (the ceiling of 2.)\n"
+                      f"  one at a time, all threads:     {one:6.2f} img/s\n"
+                      f"  batches of {size}, side by side: {batched:6.2f} img/s\n  ratio {batched / one:.2f}", flush=True)
             finally:
                 worker.terminate()
                 worker.wait(120)

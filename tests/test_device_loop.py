@@ -111,6 +111,36 @@ def test_a_failing_batch_is_split_so_only_the_bad_item_fails():
     assert loop.submit("k", ["d"])[0].result(5) == "D"
 
 
+def test_two_streams_run_two_batches_at_once_and_each_item_gets_its_own_result():
+    both_running = threading.Barrier(2, timeout=5)  # broken unless two batches run together
+
+    def run_batch(_key, items):
+        both_running.wait()
+        return [item * 10 for item in items]
+
+    loop = DeviceLoop(run_batch, batch_size=2, max_wait_s=0.01, streams=2)
+    futures = loop.submit("k", [1, 2, 3, 4])
+    assert [f.result(10) for f in futures] == [10, 20, 30, 40]
+    assert sorted(loop.batch_sizes) == [2, 2]
+
+
+def test_only_a_lone_partial_batch_is_told_it_runs_alone():
+    told: list[tuple[int, bool]] = []
+    loop = DeviceLoop(lambda _key, items: items, batch_size=4, max_wait_s=0.01, streams=2)
+    loop.before_batch.append(lambda alone: told.append(alone))
+    assert loop.submit("k", [1])[0].result(5) == 1  # a one-image request: all threads
+    assert [f.result(5) for f in loop.submit("k", list(range(8)))] == list(range(8))  # full batches: shares
+    assert told == [True, False, False]
+
+
+def test_cpu_streams_setting_names_the_variable_when_wrong(tiny_model, monkeypatch):
+    for value, message in (("0", "CLIPMASK_CPU_STREAMS must be at least 1"),
+                           ("two", "CLIPMASK_CPU_STREAMS must be a whole number")):
+        monkeypatch.setenv("CLIPMASK_CPU_STREAMS", value)
+        with pytest.raises(ValueError, match=message):
+            MaskEngine.load(tiny_model, device="cpu")
+
+
 def test_a_pipeline_past_its_deadline_stops_like_the_soft_time_limit(tiny_model, photos, tmp_path):
     from celery.exceptions import SoftTimeLimitExceeded
     import time

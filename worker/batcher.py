@@ -1,4 +1,4 @@
-"""One device loop per engine: every caller's images go onto one queue, one thread runs them.
+"""One device loop per engine: every caller's images go onto one queue, its threads run them.
 
 A worker process holds several tasks at once (Celery's threads pool); each submits the images it
 has loaded, and the loop takes up to ``batch_size`` of them with the same ``MaskSpec`` into one
@@ -6,8 +6,10 @@ forward pass, the oldest first. When the device is busy, what arrives meanwhile 
 batch; when it is idle, a lone image waits at most ``max_wait_s`` for company, so one-image
 requests that arrive together share a batch. Results go back through each image's ``Future``.
 
-Only the loop's thread touches the device, so the engine (its text cache too) needs no lock. If a
-batch fails as a whole, its images run again one at a time, so that one bad image fails alone.
+On a GPU one thread runs the batches, and only it touches the device. On the CPU the engine asks
+for several (``MaskEngine.streams``): each takes the next batch when it is free, and forward passes
+run side by side (the engine locks its text cache). If a batch fails as a whole, its images run
+again one at a time, so that one bad image fails alone.
 """
 
 from __future__ import annotations
@@ -37,14 +39,14 @@ class _Request:
 
 
 class DeviceLoop:
-    """Batches ``submit``-ted items by key and runs ``run_batch(key, items)`` in one thread.
+    """Batches ``submit``-ted items by key and runs ``run_batch(key, items)`` in ``streams`` threads.
 
     ``run_batch`` returns one result (or ``Exception``) per item, in order; each item's
     ``Future`` gets its own.
     """
 
     def __init__(self, run_batch: RunBatch, batch_size: int, max_wait_s: float | None = None,
-                 name: str = "clipmask-device"):
+                 name: str = "clipmask-device", streams: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
         self.run_batch, self.batch_size, self.name = run_batch, batch_size, name
@@ -52,11 +54,17 @@ class DeviceLoop:
             if max_wait_s is None else max_wait_s
         self._cond = threading.Condition()
         self._pending: OrderedDict[Hashable, deque[_Request]] = OrderedDict()
-        self._thread: threading.Thread | None = None
+        self.streams = max(1, streams)
+        self._threads: list[threading.Thread] = []
         #: Sizes of the batches run so far (the last 1,000), for tests and logs.
         self.batch_sizes: deque[int] = deque(maxlen=1000)
         #: Called with each batch's size after it ran (metrics).
         self.on_batch: list[Callable[[int], None]] = []
+        #: Called in the thread that runs a batch, just before, with whether it runs alone: no
+        #: other batch running or waiting, and itself not full (the engine then lets it use every
+        #: CPU thread).
+        self.before_batch: list[Callable[[bool], None]] = []
+        self._running = 0
 
     def submit(self, key: Hashable, items: Sequence[Any]) -> list[Future]:
         """Queue ``items`` (to be run together under ``key``); one ``Future`` each, in order."""
@@ -64,17 +72,21 @@ class DeviceLoop:
         if not requests:
             return []
         with self._cond:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
-                self._thread.start()
+            self._threads = [thread for thread in self._threads if thread.is_alive()]
+            while len(self._threads) < self.streams:
+                thread = threading.Thread(target=self._serve, name=f"{self.name}-{len(self._threads)}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
             self._pending.setdefault(key, deque()).extend(requests)
-            self._cond.notify()
+            self._cond.notify_all()
         return [request.future for request in requests]
 
     def _serve(self) -> None:
         while True:
-            key, batch = self._next_batch()
+            key, batch, alone = self._next_batch()
             try:
+                for prepare in self.before_batch:
+                    prepare(alone)
                 self._execute(key, batch)
             except BaseException as err:  # never leave a caller waiting for ever
                 for request in batch:
@@ -82,26 +94,35 @@ class DeviceLoop:
                         request.future.set_exception(RuntimeError(f"device loop failed: {err!r}"))
                 if not isinstance(err, Exception):
                     raise
+            finally:
+                with self._cond:
+                    self._running -= 1
 
-    def _next_batch(self) -> tuple[Hashable, list[_Request]]:
+    def _next_batch(self) -> tuple[Hashable, list[_Request], bool]:
         """The oldest key's next batch: full, or whatever is there once its first item has waited
-        ``max_wait_s`` (at once, when the device was busy for longer than that)."""
+        ``max_wait_s`` (at once, when the device was busy for longer than that); and whether it
+        runs alone. Every wake-up looks again, since another of the loop's threads may have
+        taken the batch meanwhile."""
         with self._cond:
-            while not self._pending:
-                self._cond.wait()
-            key, queue = next(iter(self._pending.items()))
-            deadline = queue[0].arrived + self.max_wait_s
-            while len(queue) < self.batch_size:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+            while True:
+                if not self._pending:
+                    self._cond.wait()
+                    continue
+                key, queue = next(iter(self._pending.items()))
+                remaining = queue[0].arrived + self.max_wait_s - time.monotonic()
+                if len(queue) >= self.batch_size or remaining <= 0:
                     break
                 self._cond.wait(remaining)
             batch = [queue.popleft() for _ in range(min(self.batch_size, len(queue)))]
             if queue:
                 self._pending.move_to_end(key)  # other keys go first next time
+                self._cond.notify_all()  # what is left may be a batch for another thread
             else:
                 del self._pending[key]
-            return key, batch
+            self._running += 1
+            # Alone: nothing else running or waiting, and not a full batch (a full one is part of a
+            # stream of work, whose next batch is likely near; a lone request is not).
+            return key, batch, self._running == 1 and not self._pending and len(batch) < self.batch_size
 
     def _execute(self, key: Hashable, batch: list[_Request]) -> None:
         try:
@@ -134,7 +155,8 @@ def device_loop(engine, on_batch: Callable[[int], None] | None = None) -> Device
             loop = getattr(engine, "_device_loop", None)
             if loop is None:
                 loop = DeviceLoop(lambda spec, items: engine.predict_prepared(items, spec), engine.batch_size,
-                                  name=f"clipmask-device-{engine.device}")
+                                  name=f"clipmask-device-{engine.device}", streams=engine.streams)
+                loop.before_batch.append(engine.share_threads)
                 if on_batch is not None:
                     loop.on_batch.append(on_batch)
                 engine._device_loop = loop

@@ -11,6 +11,7 @@ import re
 
 import torch
 
+from .config import env_int
 from .errors import DeviceError
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
@@ -47,6 +48,27 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 def default_batch_size(device: torch.device) -> int:
     return DEFAULT_BATCH_SIZE[device.type]
+
+
+_CPU_THREADS: list[int] = []
+
+
+def cpu_streams() -> tuple[int, int, int]:
+    """(forward passes run side by side on the CPU, torch threads each, torch threads in all).
+
+    ``CLIPMASK_CPU_STREAMS`` passes (default 2, or 1 with a single torch thread) share the torch
+    threads this process started with (``OMP_NUM_THREADS``, else the physical cores). On two cores,
+    two passes of one thread each keep both cores busy with no thread waiting for its partner
+    at every operator, so host work (decoding, encoding) that preempts one pass does not stall
+    the other. Raises ``ValueError`` naming the variable when it is not a positive integer.
+    """
+    if not _CPU_THREADS:
+        _CPU_THREADS.append(torch.get_num_threads())
+    total = _CPU_THREADS[0]
+    streams = env_int("CLIPMASK_CPU_STREAMS", 2 if total >= 2 else 1)
+    if streams < 1:
+        raise ValueError(f"CLIPMASK_CPU_STREAMS must be at least 1, got {streams}")
+    return streams, max(1, total // streams), total
 
 
 #: ``--precision`` values; ``auto`` is fp16 on CUDA and fp32 on CPU.

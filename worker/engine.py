@@ -10,6 +10,7 @@ preprocessed on the device when it is a GPU (``gpu_decode``).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from functools import partial
@@ -22,7 +23,7 @@ from PIL import Image
 from . import gpu_decode, postprocess, postprocess_batch, preprocess
 from .codecs import Decoded, decode_scaled
 from .config import env_int
-from .devices import default_batch_size, resolve_device, resolve_dtype
+from .devices import cpu_streams, default_batch_size, resolve_device, resolve_dtype
 from .forward import SplitCLIPSeg
 from .gpu_decode import Prepared
 from .model import LoadedModel, load_model, model_reference
@@ -51,6 +52,14 @@ class MaskEngine:
         #: ``CLIPMASK_REDUCED_DECODE=0`` asks.
         self.decode_margin = preprocess.DECODE_MARGIN if env_int("CLIPMASK_REDUCED_DECODE", 1) else 0
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._text_lock = threading.Lock()
+        #: Forward passes run side by side by the device loop: several on the CPU, each on its
+        #: share of torch's threads (``devices.cpu_streams``), one on a GPU.
+        self.streams, self._threads = 1, (0, 0)
+        if device.type == "cpu":
+            self.streams, share, total = cpu_streams()
+            self._threads = (share, total)
+            torch.set_num_threads(share)
         #: ``load_input`` leaves JPEGs encoded for the device (``gpu_decode``): on CUDA unless
         #: ``CLIPMASK_DEVICE_DECODE=0``; the tests turn it on for the CPU.
         self.device_decode = (device.type == "cuda" and env_int("CLIPMASK_DEVICE_DECODE", 1) != 0
@@ -71,6 +80,14 @@ class MaskEngine:
     @property
     def model_info(self) -> dict:
         return {"id": self.loaded.model_id, "revision": self.loaded.revision, "precision": self.loaded.precision}
+
+    def share_threads(self, alone: bool) -> None:
+        """Called by the device loop in the thread about to run a batch: on the CPU, a batch
+        running alone (a partial batch, none other running or waiting) gets every torch thread, so a lone request
+        is as quick as without side-by-side passes; otherwise its stream's share. Torch's thread
+        count is per thread once a thread has run an operator, so this sets the caller's."""
+        if self.streams > 1:
+            torch.set_num_threads(self._threads[1] if alone else self._threads[0])
 
     def decode(self, data: bytes, spec: MaskSpec) -> Decoded:
         """Decode an image file for this spec: upright RGB, a JPEG at the smallest DCT scale the
@@ -139,6 +156,11 @@ class MaskEngine:
         share = (time.perf_counter() - started) * 1000.0 / len(sizes)
         if postprocess_batch.batchable(spec, self.device):
             results = self._postprocess_many(sizes, logits, spec)
+        elif self.device.type == "cpu":
+            # Made when first read: by the pipeline's encoder threads, side by side with the next
+            # forward pass, instead of in the device loop's thread between two passes.
+            results = [MaskResult.deferred(partial(self._postprocess, size, image_logits, spec))
+                       for size, image_logits in zip(sizes, logits, strict=True)]
         else:
             results = [self._postprocess(size, image_logits, spec)
                        for size, image_logits in zip(sizes, logits, strict=True)]
@@ -213,6 +235,10 @@ class MaskEngine:
     @torch.inference_mode()
     def text_embeddings(self, prompts: tuple[str, ...]) -> torch.Tensor:
         """(len(prompts), projection_dim) conditional embeddings, cached per prompt string."""
+        with self._text_lock:  # the CPU's forward passes run side by side
+            return self._text_embeddings(prompts)
+
+    def _text_embeddings(self, prompts: tuple[str, ...]) -> torch.Tensor:
         missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
         if missing:
             tokens = self.loaded.processor.tokenizer(
