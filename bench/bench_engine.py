@@ -156,7 +156,8 @@ def seed_mask(model, tokenizer, path: Path, device: str, threshold: float = 0.5)
 
 
 def save_png(values: np.ndarray, path: Path) -> None:
-    """8-bit greyscale PNG, encoded as clipmask encodes its masks (zlib level 1)."""
+    """8-bit greyscale PNG by Pillow at compress level 1 (the baseline as first measured; clipmask
+    itself now deflates with ISA-L, worker/codecs.py)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(values, "L").save(path, format="PNG", compress_level=1)
 

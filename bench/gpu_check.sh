@@ -5,7 +5,7 @@
 #   bash bench/gpu_check.sh                       # on the GPU machine
 #   GPU_CHECK_DEVICE=cpu bash bench/gpu_check.sh  # the same steps here, small, on the CPU
 #
-# Wheels in .whl/ (celery, kombu, redis, boto3, ... : what the tests' conftest and `clipmask run`
+# Wheels in .whl/ (celery, kombu, redis, boto3, isal, ... : what the tests' conftest and `clipmask run`
 # import, for a machine without them and without an index) are installed into $GPU_CHECK_SITE
 # (default /tmp/site) and put on PYTHONPATH; no .whl/, no install.
 set -uo pipefail
