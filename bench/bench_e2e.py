@@ -35,28 +35,35 @@ from worker.spec import MaskSpec  # noqa: E402
 TARGET = 0.85
 
 
+def forward_rate(engine: MaskEngine, pixels: list[torch.Tensor], spec: MaskSpec, batch: int, streams: int,
+                 alone: bool) -> float:
+    """Images/s of the bare forward pass over ``pixels`` in batches of ``batch``, ``streams`` passes
+    at a time, each on the threads the device loop would give it (``MaskEngine.share_threads``
+    with ``alone``)."""
+    batches = [torch.stack(pixels[start:start + batch]) for start in range(0, len(pixels), batch)]
+
+    def forward(images: torch.Tensor) -> None:
+        engine.share_threads(alone)
+        engine._forward(images, spec)
+
+    with ThreadPoolExecutor(streams) as pool:
+        list(pool.map(forward, batches[:streams]))  # warm-up
+        started = time.perf_counter()
+        list(pool.map(forward, batches))
+    seconds = time.perf_counter() - started
+    engine.share_threads(False)  # threads started later get a stream's share again
+    return len(pixels) / seconds
+
+
 def model_only_rate(engine: MaskEngine, source: Path, spec: MaskSpec) -> dict[str, float]:
     """Images/s of the forward pass alone over already prepared pixels, in batches of the engine's
     batch size, two ways: as the device loop runs them (``engine.streams`` passes side by side,
     each on its share of the threads) and as one pass after another on all the threads. The
     better of the two is the baseline, so the pipeline's way of running the model cannot flatter it."""
     pixels = [engine.prepare(engine.decode(path.read_bytes(), spec).image, spec) for path in sorted(source.iterdir())]
-    batches = [torch.stack(pixels[start:start + engine.batch_size]) for start in range(0, len(pixels), engine.batch_size)]
-    forward = lambda batch: engine._forward(batch, spec)  # noqa: E731
-    shared = torch.get_num_threads()
-    rates = {}
-    for name, streams, threads in (("streams", engine.streams, shared), ("one", 1, shared * engine.streams)):
-        torch.set_num_threads(threads)
-        try:
-            with ThreadPoolExecutor(streams) as pool:
-                list(pool.map(forward, batches[:streams]))  # warm-up
-                started = time.perf_counter()
-                list(pool.map(forward, batches))
-            rates[name] = len(pixels) / (time.perf_counter() - started)
-        finally:
-            torch.set_num_threads(shared)
-        if engine.streams == 1:
-            break
+    rates = {"streams": forward_rate(engine, pixels, spec, engine.batch_size, engine.streams, alone=False)}
+    if engine.streams > 1:
+        rates["one"] = forward_rate(engine, pixels, spec, engine.batch_size, 1, alone=True)
     return rates
 
 

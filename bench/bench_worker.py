@@ -30,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import redis
@@ -87,29 +86,15 @@ def offload_rate(app, source: Path, dest: Path, keys: list[str], together: bool)
 def model_ceiling(model: Path, precision: str, source: Path, keys: list[str]) -> tuple[float, float, int]:
     """Images/s of the forward pass alone over ``keys``: one image at a time on every thread, and
     batches of the engine's batch size ``engine.streams`` at a time; and that batch size."""
-    import torch
-
+    from bench_e2e import forward_rate  # here: it imports the Celery app, which main() configures first
     from worker.engine import MaskEngine
     from worker.spec import MaskSpec
 
     engine = MaskEngine.load(str(model), device="cpu", precision=precision)
     spec = MaskSpec.from_text(PROMPT, NEGATIVE)
     pixels = [engine.prepare(engine.decode((source / key).read_bytes(), spec).image, spec) for key in keys]
-
-    def rate(batch: int, streams: int, alone: bool) -> float:
-        batches = [torch.stack(pixels[i:i + batch]) for i in range(0, len(pixels), batch)]
-
-        def forward(images):
-            engine.share_threads(alone)  # as the device loop sets each pass's threads
-            engine._forward(images, spec)
-
-        with ThreadPoolExecutor(streams) as pool:
-            list(pool.map(forward, batches[:streams]))  # warm-up
-            started = time.perf_counter()
-            list(pool.map(forward, batches))
-        return len(pixels) / (time.perf_counter() - started)
-
-    return rate(1, 1, True), rate(engine.batch_size, engine.streams, False), engine.batch_size
+    return (forward_rate(engine, pixels, spec, 1, 1, alone=True),
+            forward_rate(engine, pixels, spec, engine.batch_size, engine.streams, alone=False), engine.batch_size)
 
 
 def main() -> None:

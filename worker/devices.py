@@ -7,6 +7,7 @@ create a context; only ``resolve_device`` inside a worker process touches the de
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -50,7 +51,10 @@ def default_batch_size(device: torch.device) -> int:
     return DEFAULT_BATCH_SIZE[device.type]
 
 
-_CPU_THREADS: list[int] = []
+@functools.cache
+def _process_threads() -> int:
+    """Torch's threads as this process started (read once: the engine then sets them per pass)."""
+    return torch.get_num_threads()
 
 
 def cpu_streams() -> tuple[int, int, int]:
@@ -62,9 +66,7 @@ def cpu_streams() -> tuple[int, int, int]:
     at every operator, so host work (decoding, encoding) that preempts one pass does not stall
     the other. Raises ``ValueError`` naming the variable when it is not a positive integer.
     """
-    if not _CPU_THREADS:
-        _CPU_THREADS.append(torch.get_num_threads())
-    total = _CPU_THREADS[0]
+    total = _process_threads()
     streams = env_int("CLIPMASK_CPU_STREAMS", 2 if total >= 2 else 1)
     if streams < 1:
         raise ValueError(f"CLIPMASK_CPU_STREAMS must be at least 1, got {streams}")

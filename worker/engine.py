@@ -83,9 +83,10 @@ class MaskEngine:
 
     def share_threads(self, alone: bool) -> None:
         """Called by the device loop in the thread about to run a batch: on the CPU, a batch
-        running alone (a partial batch, none other running or waiting) gets every torch thread, so a lone request
-        is as quick as without side-by-side passes; otherwise its stream's share. Torch's thread
-        count is per thread once a thread has run an operator, so this sets the caller's."""
+        running alone (a partial batch, none other running or waiting) gets every torch thread,
+        so a lone request is as quick as without side-by-side passes; otherwise its stream's
+        share. Torch's thread count is per thread once a thread has run an operator, so this
+        sets the caller's."""
         if self.streams > 1:
             torch.set_num_threads(self._threads[1] if alone else self._threads[0])
 
