@@ -18,6 +18,7 @@ from storage import open_store
 from tests.test_engine import reference_mask
 from worker import postprocess, preprocess
 from worker.codecs import decode_image, decode_scaled, encode_png, to_rgb
+from worker.dominant import Dominant
 from worker.engine import MaskResult, output_roles
 from worker.errors import ImageDecodeError, ImageTooLargeError
 from worker.outputs import encode_masks
@@ -254,6 +255,68 @@ def test_render_runs_of_rows_on_large_upscales():
     rendered = render(logits, spec, (300, 410))
     mask = finish(combine(logits, spec, (300, 410)), spec)[0]
     assert grey_levels(rendered.raw_pixels.numpy(), np.rint(mask.numpy() * 255)) <= 1
+
+
+def _dominant_for(logits: torch.Tensor, spec: MaskSpec, size: tuple[int, int], raw: bool, floor=True):
+    """The shortcut ``render`` builds for these logits (to check that a test goes through it)."""
+    positives = len(spec.prompts)
+    signed = torch.cat([logits[:positives], -logits[positives:]])
+    rows = postprocess._source_rows(size[0], logits.shape[1], logits.device)[::2]
+    cols = postprocess._source_rows(size[1], logits.shape[2], logits.device)[::2]
+    return Dominant(signed, positives, rows, cols, postprocess._floor(spec, raw) if floor else None)
+
+
+@pytest.mark.parametrize("negative, normalize, invert, bits, raw, columns", [
+    (True, False, False, 8, True, 40), (True, False, False, 8, False, 40), (True, False, True, 16, True, 40),
+    (False, True, False, 8, True, 40), (True, True, True, 16, True, 40), (False, False, False, 16, False, 40),
+    (True, False, False, 8, True, 29)])
+def test_render_takes_one_map_where_the_same_prompts_decide_and_stays_exact(negative, normalize, invert,
+                                                                            bits, raw, columns, monkeypatch):
+    # Given smooth logits upscaled 7 to 14 times, in bands of a few rows (each cuts runs of rows)
+    monkeypatch.setattr(postprocess, "BAND_VALUES", 3 * 4 * 64)
+    logits = smooth_logits(4, seed=6, side=40)[:, :, :columns].contiguous()
+    logits = logits if negative else logits[:3]
+    spec = MaskSpec.from_text("a|b|c", "d" if negative else None, normalize=normalize, invert=invert,
+                              raw_bits=bits, threshold=0.4)
+    size = (300, 410)
+    # (the shortcut is taken, and prompts cross in some cells, which are computed prompt by prompt)
+    dominant = _dominant_for(logits, spec, size, raw)
+    assert dominant.pays and dominant.share > 0.01 and len(dominant.y) > 0
+    # When rendered, Then both masks are those of combine + finish
+    rendered = render(logits, spec, size, raw=raw)
+    mask, binary = finish(combine(logits, spec, size), spec)
+    if raw:
+        assert grey_levels(rendered.raw_pixels.numpy(), np.rint(mask.numpy() * ((1 << bits) - 1))) <= 1
+    else:
+        assert rendered.raw_pixels is None
+    before_invert = 1 - mask if invert else mask
+    decided = (before_invert - 0.4).abs() > 1e-5
+    assert torch.equal((rendered.binary_pixels == 255)[decided], binary[decided])
+    assert 0 < int(binary.sum()) < binary.numel()
+
+
+@pytest.mark.parametrize("raw", [True, False])
+def test_render_below_the_floor_any_prompt_may_decide(raw):
+    # Given three prompts of noisy background far below 0.5/255, where the largest changes from
+    # one logit to the next, and one bright blob in the first
+    generator = torch.Generator().manual_seed(9)
+    logits = torch.randn(4, 30, 30, generator=generator) * 0.5 - 12.0
+    grid = torch.linspace(0, 1, 30)
+    logits[0] += 18.0 * torch.exp(-((grid[:, None] - 0.4) ** 2 + (grid[None, :] - 0.6) ** 2) / 0.03)
+    logits[3] = -12.0  # the negative never wins
+    spec = MaskSpec.from_text("a|b|c", "d")
+    size = (240, 330)
+    # (only the floor makes the shortcut pay: without it nearly every cell crosses)
+    assert not _dominant_for(logits, spec, size, raw, floor=False).pays
+    assert _dominant_for(logits, spec, size, raw).pays
+    # When rendered, Then the pixels are those of combine + finish: the background all 0
+    rendered = render(logits, spec, size, raw=raw)
+    mask, binary = finish(combine(logits, spec, size), spec)
+    if raw:
+        assert grey_levels(rendered.raw_pixels.numpy(), np.rint(mask.numpy() * 255)) <= 1
+    decided = (mask - 0.5).abs() > 1e-5
+    assert torch.equal((rendered.binary_pixels == 255)[decided], binary[decided])
+    assert 0 < int(binary.sum()) < binary.numel() // 4
 
 
 @pytest.mark.parametrize("options", [dict(blur_sigma=1.5), dict(grow=2), dict(profile="masquerade"),

@@ -16,6 +16,7 @@ import torch
 from torch.nn import functional as F
 from torchvision.transforms import functional as TF
 
+from .dominant import Dominant
 from .spec import MaskSpec
 
 #: How each profile resizes logits to the image: the processor's bilinear, or the seed's nearest.
@@ -50,8 +51,10 @@ def render(logits: torch.Tensor, spec: MaskSpec, size: tuple[int, int], raw: boo
     sigmoid(-x)``), thresholded and quantized while it is in the cache; no image-sized float map
     is made. Each prompt is still resized on its own (the max of resized logits is not the resize
     of their max). ``normalize`` adds a first pass for the mask's minimum and maximum; without
-    ``raw`` the threshold is applied to the logits (``logit(t)``) and sigmoid is skipped. Other
-    specs take the straightforward path.
+    ``raw`` the threshold is applied to the logits (``logit(t)``) and sigmoid is skipped. On the
+    CPU, upscaling 3 times or more (photos), the cells of the logits where the same prompts decide
+    are resized as one combined map, and only the pixels of cells where prompts cross are mixed
+    prompt by prompt (``dominant.py``). Other specs take the straightforward path.
     """
     if spec.profile == "default" and spec.blur_sigma == 0 and spec.grow == 0:
         return _render_bands(logits, spec, size, raw)
@@ -96,15 +99,22 @@ def _render_bands(logits: torch.Tensor, spec: MaskSpec, size: tuple[int, int], r
     # what the 2-D kernel computes along a row (whose vertical weights are (1, 0)), in half the time.
     positives = len(spec.prompts)
     signed = torch.cat([logits[:positives].float(), -logits[positives:].float()])
-    rows = F.interpolate(signed.reshape(prompts * logit_height, 1, -1), size=width, mode="linear",
-                         align_corners=False).reshape(prompts, logit_height, width)
     first, second, weight = _source_rows(height, logit_height, device)
-    band_rows = max(1, BAND_VALUES // (prompts * width)) if on_cpu else height
-    bands = [(start, min(height, start + band_rows)) for start in range(0, height, band_rows)]
     # Upscaling by 3 or more, output rows come in runs that share their two source rows: each run
     # is one broadcast lerp, with no gathered copy of the source rows.
     runs = _runs(first) if on_cpu and height >= 3 * logit_height else None
-    values = torch.empty((prompts, min(band_rows, height), width), device=device)
+    # There too, where the same prompts decide a whole cell, one combined map stands for them all.
+    dominant = None
+    if runs is not None and prompts > 1:
+        dominant = Dominant(signed, positives, (first, weight), _source_rows(width, signed.shape[2], device)[::2],
+                            _floor(spec, raw))
+        dominant = dominant if dominant.pays else None
+    maps = signed if dominant is None else dominant.combined[None]
+    rows = F.interpolate(maps.reshape(len(maps) * logit_height, 1, -1), size=width, mode="linear",
+                         align_corners=False).reshape(len(maps), logit_height, width)
+    band_rows = max(1, BAND_VALUES // (len(maps) * width)) if on_cpu else height
+    bands = [(start, min(height, start + band_rows)) for start in range(0, height, band_rows)]
+    values = torch.empty((len(maps), min(band_rows, height), width), device=device)
 
     def band_logits(start: int, stop: int) -> torch.Tensor:
         """The combined mask of output rows start..stop, before sigmoid."""
@@ -117,6 +127,9 @@ def _render_bands(logits: torch.Tensor, spec: MaskSpec, size: tuple[int, int], r
                 below = min(row + 1, logit_height - 1)
                 torch.lerp(rows[:, row:row + 1], rows[:, below:below + 1], weight[run_start:run_stop],
                            out=out[:, run_start - start:run_stop - start])
+        if dominant is not None:
+            dominant.fix(out[0], start, stop)
+            return out[0]
         mask = _reduce_into_first(out[:positives], torch.maximum)
         if spec.negative_prompts:
             torch.minimum(mask, _reduce_into_first(out[positives:], torch.minimum), out=mask)
@@ -143,6 +156,19 @@ def _render_bands(logits: torch.Tensor, spec: MaskSpec, size: tuple[int, int], r
         raw_band = None if raw_pixels is None else raw_pixels[start:stop]
         tail(mask, threshold, spec, binary_pixels[start:stop], raw_band)
     return Rendered(raw_pixels, binary_pixels)
+
+
+def _floor(spec: MaskSpec, raw: bool) -> float | None:
+    """A logit below which a mask value gives the same pixels as any lower one (a raw 0 and an
+    unset thresholded pixel, or their inverses), less a margin for float noise; ``None`` where
+    there is none (``normalize`` rescales every value; a threshold of 0 or 1)."""
+    if spec.normalize or not 0.0 < spec.threshold < 1.0:
+        return None
+    floor = math.log(spec.threshold / (1.0 - spec.threshold))
+    if raw:
+        half_level = 0.5 / ((1 << spec.raw_bits) - 1)
+        floor = min(floor, math.log(half_level / (1.0 - half_level)))
+    return floor - 0.01
 
 
 def _tail_torch(mask: torch.Tensor, threshold: float, spec: MaskSpec, binary: torch.Tensor,
