@@ -105,7 +105,7 @@ def _render_bands(logits: torch.Tensor, spec: MaskSpec, size: tuple[int, int], r
     runs = _runs(first) if on_cpu and height >= 3 * logit_height else None
     # There too, where the same prompts decide a whole cell, one combined map stands for them all.
     dominant = None
-    if runs is not None and prompts > 1:
+    if runs is not None and 1 < prompts < 63:  # (dominant.py keeps one bit per prompt in an int64)
         dominant = Dominant(signed, positives, (first, weight), _source_rows(width, signed.shape[2], device)[::2],
                             _floor(spec, raw))
         dominant = dominant if dominant.pays else None
