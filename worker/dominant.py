@@ -19,7 +19,7 @@ import torch
 from torch.nn import functional as F
 
 #: Above this share of crossing cells the shortcut costs more than it saves (each crossing pixel
-#: costs about 40 ns, ten times a pixel of the one map; measured at 12 MP with both masks, 3 + 1
+#: costs about 40 ns, ten times a pixel of the one map; bench/bench_dominant.py, 12 MP, both masks, 3 + 1
 #: prompts: 51 -> 39 ms at 2% crossing, even at 4%, slower from 6%): ``render`` goes prompt by
 #: prompt everywhere, as on noisy logits (a random model's cross at 98%), having spent about 2 ms
 #: finding out.
