@@ -19,8 +19,8 @@ import torch
 from torch.nn import functional as F
 
 #: Above this share of crossing cells the shortcut costs more than it saves (each crossing pixel
-#: costs about 40 ns, ten times a pixel of the one map; bench/bench_dominant.py, 12 MP, both masks, 3 + 1
-#: prompts: 51 -> 39 ms at 2% crossing, even at 4%, slower from 6%): ``render`` goes prompt by
+#: costs about 40 ns, ten times a pixel of the one map; bench/bench_dominant.py at 12 MP, both
+#: masks, 3 + 1 prompts: faster at 2% and 4% crossing, slower from 6%): ``render`` goes prompt by
 #: prompt everywhere, as on noisy logits (a random model's cross at 98%), having spent about 2 ms
 #: finding out.
 MAX_CROSSING = 0.03

@@ -106,8 +106,8 @@ def _render_bands(logits: torch.Tensor, spec: MaskSpec, size: tuple[int, int], r
     # There too, where the same prompts decide a whole cell, one combined map stands for them all.
     dominant = None
     if runs is not None and 1 < prompts < 63:  # (dominant.py keeps one bit per prompt in an int64)
-        dominant = Dominant(signed, positives, (first, weight), _source_rows(width, signed.shape[2], device)[::2],
-                            _floor(spec, raw))
+        columns = _source_rows(width, signed.shape[2], device)[::2]
+        dominant = Dominant(signed, positives, (first, weight), columns, _floor(spec, raw))
         dominant = dominant if dominant.pays else None
     maps = signed if dominant is None else dominant.combined[None]
     rows = F.interpolate(maps.reshape(len(maps) * logit_height, 1, -1), size=width, mode="linear",
