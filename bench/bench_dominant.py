@@ -27,12 +27,10 @@ from worker.spec import MaskSpec  # noqa: E402
 
 def crossing_share(logits: torch.Tensor, spec: MaskSpec, size: tuple[int, int], raw: bool) -> float:
     positives = len(spec.prompts)
-    signed = torch.cat([logits[:positives], -logits[positives:]])
-    rows = postprocess._source_rows(size[0], logits.shape[1], logits.device)[::2]
-    cols = postprocess._source_rows(size[1], logits.shape[2], logits.device)[::2]
     saved, dominant.MAX_CROSSING = dominant.MAX_CROSSING, -1.0  # the share only, no fix-ups
     try:
-        return dominant.Dominant(signed, positives, rows, cols, postprocess._floor(spec, raw)).share
+        signed = postprocess.signed_logits(logits, positives)
+        return postprocess.shortcut(signed, positives, spec, size, raw).share
     finally:
         dominant.MAX_CROSSING = saved
 

@@ -256,13 +256,10 @@ def test_render_runs_of_rows_on_large_upscales():
     assert grey_levels(rendered.raw_pixels.numpy(), np.rint(mask.numpy() * 255)) <= 1
 
 
-def _dominant_for(logits: torch.Tensor, spec: MaskSpec, size: tuple[int, int], raw: bool, floor=True):
+def _shortcut(logits: torch.Tensor, spec: MaskSpec, size: tuple[int, int], raw: bool):
     """The shortcut ``render`` builds for these logits (to check that a test goes through it)."""
-    positives = len(spec.prompts)
-    signed = torch.cat([logits[:positives], -logits[positives:]])
-    rows = postprocess._source_rows(size[0], logits.shape[1], logits.device)[::2]
-    cols = postprocess._source_rows(size[1], logits.shape[2], logits.device)[::2]
-    return dominant.Dominant(signed, positives, rows, cols, postprocess._floor(spec, raw) if floor else None)
+    return postprocess.shortcut(postprocess.signed_logits(logits, len(spec.prompts)), len(spec.prompts), spec,
+                                size, raw)
 
 
 @pytest.mark.parametrize("negative, normalize, invert, bits, raw, columns", [
@@ -281,7 +278,7 @@ def test_render_takes_one_map_where_the_same_prompts_decide_and_stays_exact(nega
                               raw_bits=bits, threshold=0.4)
     size = (300, 410)
     # (the shortcut is taken, and prompts cross in some cells, which are computed prompt by prompt)
-    shortcut = _dominant_for(logits, spec, size, raw)
+    shortcut = _shortcut(logits, spec, size, raw)
     assert shortcut.pays and shortcut.share > 0.01 and len(shortcut.y) > 0
     # When rendered, Then both masks are those of combine + finish
     rendered = render(logits, spec, size, raw=raw)
@@ -308,8 +305,8 @@ def test_render_below_the_floor_any_prompt_may_decide(raw):
     spec = MaskSpec.from_text("a|b|c", "d")
     size = (240, 330)
     # (only the floor makes the shortcut pay: without it nearly every cell crosses)
-    assert not _dominant_for(logits, spec, size, raw, floor=False).pays
-    assert _dominant_for(logits, spec, size, raw).pays
+    assert not _shortcut(logits, dataclasses.replace(spec, normalize=True), size, raw).pays  # no floor
+    assert _shortcut(logits, spec, size, raw).pays
     # When rendered, Then the pixels are those of combine + finish: the background all 0
     rendered = render(logits, spec, size, raw=raw)
     mask, binary = finish(combine(logits, spec, size), spec)

@@ -98,7 +98,7 @@ def _render_bands(logits: torch.Tensor, spec: MaskSpec, size: tuple[int, int], r
     # prompt: the horizontal half of the bilinear resize; 1-D linear interpolation computes exactly
     # what the 2-D kernel computes along a row (whose vertical weights are (1, 0)), in half the time.
     positives = len(spec.prompts)
-    signed = torch.cat([logits[:positives].float(), -logits[positives:].float()])
+    signed = signed_logits(logits, positives)
     first, second, weight = _source_rows(height, logit_height, device)
     # Upscaling by 3 or more, output rows come in runs that share their two source rows: each run
     # is one broadcast lerp, with no gathered copy of the source rows.
@@ -106,8 +106,7 @@ def _render_bands(logits: torch.Tensor, spec: MaskSpec, size: tuple[int, int], r
     # There too, where the same prompts decide a whole cell, one combined map stands for them all.
     dominant = None
     if runs is not None and 1 < prompts < 63:  # (dominant.py keeps one bit per prompt in an int64)
-        columns = _source_rows(width, signed.shape[2], device)[::2]
-        dominant = Dominant(signed, positives, (first, weight), columns, _floor(spec, raw))
+        dominant = shortcut(signed, positives, spec, size, raw)
         dominant = dominant if dominant.pays else None
     maps = signed if dominant is None else dominant.combined[None]
     rows = F.interpolate(maps.reshape(len(maps) * logit_height, 1, -1), size=width, mode="linear",
@@ -143,7 +142,7 @@ def _render_bands(logits: torch.Tensor, spec: MaskSpec, size: tuple[int, int], r
     # Only the thresholded mask wanted: compare the logits with logit(threshold), no sigmoid (equal
     # up to float noise at the threshold; not for 0 or 1, where sigmoid's rounding to 0 or 1 counts).
     in_logits = not raw and not spec.normalize and 0.0 < spec.threshold < 1.0
-    threshold = math.log(spec.threshold / (1.0 - spec.threshold)) if in_logits else spec.threshold
+    threshold = logit(spec.threshold) if in_logits else spec.threshold
     raw_pixels = torch.empty(size, dtype=_pixel_dtype(spec.raw_bits, device), device=device) if raw else None
     binary_pixels = torch.empty(size, dtype=torch.uint8, device=device)
     tail = _tail_numpy if on_cpu else _tail_torch
@@ -158,16 +157,35 @@ def _render_bands(logits: torch.Tensor, spec: MaskSpec, size: tuple[int, int], r
     return Rendered(raw_pixels, binary_pixels)
 
 
+def logit(probability: float) -> float:
+    """The inverse of sigmoid, for 0 < probability < 1."""
+    return math.log(probability / (1.0 - probability))
+
+
+def signed_logits(logits: torch.Tensor, positives: int) -> torch.Tensor:
+    """(prompts, h, w) float32 logits with the negatives' negated, positives first."""
+    return torch.cat([logits[:positives].float(), -logits[positives:].float()])
+
+
+def shortcut(signed: torch.Tensor, positives: int, spec: MaskSpec, size: tuple[int, int],
+             raw: bool) -> Dominant:
+    """``dominant.py``'s combined map for ``signed_logits`` rendered at ``size`` (H, W); use it
+    where ``.pays``."""
+    device = signed.device
+    rows = _source_rows(size[0], signed.shape[1], device)[::2]
+    columns = _source_rows(size[1], signed.shape[2], device)[::2]
+    return Dominant(signed, positives, rows, columns, _floor(spec, raw))
+
+
 def _floor(spec: MaskSpec, raw: bool) -> float | None:
     """A logit below which a mask value gives the same pixels as any lower one (a raw 0 and an
     unset thresholded pixel, or their inverses), less a margin for float noise; ``None`` where
     there is none (``normalize`` rescales every value; a threshold of 0 or 1)."""
     if spec.normalize or not 0.0 < spec.threshold < 1.0:
         return None
-    floor = math.log(spec.threshold / (1.0 - spec.threshold))
+    floor = logit(spec.threshold)
     if raw:
-        half_level = 0.5 / ((1 << spec.raw_bits) - 1)
-        floor = min(floor, math.log(half_level / (1.0 - half_level)))
+        floor = min(floor, logit(0.5 / ((1 << spec.raw_bits) - 1)))
     return floor - 0.01
 
 

@@ -8,13 +8,12 @@ in a few blocks), and each block's pixels come back in one copy into pinned memo
 
 from __future__ import annotations
 
-import math
 from typing import Iterator
 
 import torch
 from torch.nn import functional as F
 
-from .postprocess import _pixel_dtype
+from .postprocess import _pixel_dtype, logit
 from .spec import MaskSpec
 
 #: Float32 values per block (N x prompts x H x W): 1 GiB.
@@ -60,7 +59,7 @@ def render_block(logits: torch.Tensor, spec: MaskSpec, size: tuple[int, int], ra
         torch.minimum(mask, resized[:, positives:].amin(1).neg_(), out=mask)
     del resized
     in_logits = not raw and 0.0 < spec.threshold < 1.0
-    threshold = math.log(spec.threshold / (1.0 - spec.threshold)) if in_logits else spec.threshold
+    threshold = logit(spec.threshold) if in_logits else spec.threshold
     if not in_logits:
         mask = mask.sigmoid_()
     binary = (torch.lt if spec.invert else torch.ge)(mask, threshold).to(torch.uint8).mul_(255)
