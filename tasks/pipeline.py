@@ -27,7 +27,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from storage import ObjectStore, is_transient
 from storage.layout import output_keys
-from worker.batcher import device_loop
+from worker.batcher import DeviceLoop, device_loop
 from worker.config import env_int
 from worker.engine import MaskEngine, MaskResult
 from worker.gpu_decode import Prepared
@@ -99,7 +99,7 @@ class Pipeline:
         labels = dict(self.labels)
         pool, loop = io_pool(), device_loop(self.engine, lambda size: metrics.observe_batch(size, labels))
         outcomes: deque[Future] = deque()
-        for batch in self._loaded_batches(pool, keys):
+        for batch in self._loaded_batches(pool, loop, keys):
             ready = [item for item in batch if item.outcome is None]
             inferred = iter(loop.submit(self.spec, [item.prepared for item in ready]))
             for item in batch:
@@ -135,28 +135,31 @@ class Pipeline:
         metrics.observe_outcome(outcome.status, self.labels, (outcome.metadata or {}).get("timings_ms"))
         return outcome
 
-    def _loaded_batches(self, pool: ThreadPoolExecutor, keys: Iterable[str]) -> Iterator[list[_Loaded]]:
-        """Batches of loaded inputs, reading up to two batches ahead of inference."""
+    def _loaded_batches(self, pool: ThreadPoolExecutor, loop: DeviceLoop,
+                        keys: Iterable[str]) -> Iterator[list[_Loaded]]:
+        """Batches of loaded inputs, reading up to two batches ahead of inference (the device loop
+        knows they are coming: a partial batch may wait for them)."""
         size = self.engine.batch_size
         pending: deque[Future] = deque()
         for key in keys:
-            pending.append(pool.submit(self._load, key))
+            pending.append(pool.submit(self._load, key, loop))
             if len(pending) >= 2 * size:
                 yield [self._result(pending.popleft()) for _ in range(size)]
         while pending:
             yield [self._result(pending.popleft()) for _ in range(min(size, len(pending)))]
 
-    def _load(self, key: str) -> _Loaded:
+    def _load(self, key: str, loop: DeviceLoop) -> _Loaded:
         item = _Loaded(key)
         try:
-            if self.skip_existing and self.dest.exists(output_keys(key)["metadata"]):
-                item.outcome = Outcome(key, self.source.url_for(key), "skipped")
-                return item
-            started = time.perf_counter()
-            data = self.source.read_bytes(key)
-            read = time.perf_counter()
-            item.prepared = self.engine.load_input(data, self.spec)  # on a GPU, a JPEG stays encoded
-            item.timings_ms = {"download": (read - started) * 1e3, **(item.prepared.timings_ms or {})}
+            with loop.loading():
+                if self.skip_existing and self.dest.exists(output_keys(key)["metadata"]):
+                    item.outcome = Outcome(key, self.source.url_for(key), "skipped")
+                    return item
+                started = time.perf_counter()
+                data = self.source.read_bytes(key)
+                read = time.perf_counter()
+                item.prepared = self.engine.load_input(data, self.spec)  # on a GPU, a JPEG stays encoded
+                item.timings_ms = {"download": (read - started) * 1e3, **(item.prepared.timings_ms or {})}
         except Exception as err:  # noqa: BLE001 - whatever it is, it fails this image alone
             item.outcome = self._failed(key, err)
         return item

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -122,6 +123,22 @@ def test_two_streams_run_two_batches_at_once_and_each_item_gets_its_own_result()
     futures = loop.submit("k", [1, 2, 3, 4])
     assert [f.result(10) for f in futures] == [10, 20, 30, 40]
     assert sorted(loop.batch_sizes) == [2, 2]
+
+
+def test_a_lone_image_waits_for_images_still_loading_and_no_longer():
+    loop = DeviceLoop(lambda _key, items: items, batch_size=4, max_wait_s=0.001, loading_wait_s=30, streams=2)
+    # Given an image submitted while another is still being loaded (its download ends 0.2 s later,
+    # 200 times the usual wait for company)
+    with loop.loading():
+        first = loop.submit("k", ["a"])
+        time.sleep(0.2)
+        second = loop.submit("k", ["b"])
+    # Then both run in one batch
+    assert first[0].result(5) == "a" and second[0].result(5) == "b"
+    assert list(loop.batch_sizes) == [2]
+    # And with nothing loading, a lone image does not wait for the loading limit (30 s)
+    assert loop.submit("k", ["c"])[0].result(5) == "c"
+    assert list(loop.batch_sizes) == [2, 1]
 
 
 def test_only_a_lone_partial_batch_is_told_it_runs_alone():

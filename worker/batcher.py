@@ -3,8 +3,10 @@
 A worker process holds several tasks at once (Celery's threads pool); each submits the images it
 has loaded, and the loop takes up to ``batch_size`` of them with the same ``MaskSpec`` into one
 forward pass, the oldest first. When the device is busy, what arrives meanwhile forms the next
-batch; when it is idle, a lone image waits at most ``max_wait_s`` for company, so one-image
-requests that arrive together share a batch. Results go back through each image's ``Future``.
+batch; when it is idle, a lone image waits at most ``max_wait_s`` for company, or up to
+``loading_wait_s`` while callers are still reading and decoding images they will submit
+(``loading``), so one-image requests that arrive together share a batch even when their
+downloads end a few milliseconds apart. Results go back through each image's ``Future``.
 
 On a GPU one thread runs the batches, and only it touches the device. On the CPU the engine asks
 for several (``MaskEngine.streams``): each takes the next batch when it is free, and forward passes
@@ -14,6 +16,7 @@ again one at a time, so that one bad image fails alone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -27,6 +30,8 @@ log = logging.getLogger(__name__)
 
 #: How long a lone image waits for others while the device is idle (``CLIPMASK_BATCH_WAIT_MS``).
 DEFAULT_WAIT_MS = 5
+#: ... and while other images are being loaded for the loop (``CLIPMASK_BATCH_WAIT_LOADING_MS``).
+DEFAULT_LOADING_WAIT_MS = 50
 
 RunBatch = Callable[[Any, list], list]
 
@@ -46,12 +51,16 @@ class DeviceLoop:
     """
 
     def __init__(self, run_batch: RunBatch, batch_size: int, max_wait_s: float | None = None,
-                 name: str = "clipmask-device", streams: int = 1):
+                 name: str = "clipmask-device", streams: int = 1, loading_wait_s: float | None = None):
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
         self.run_batch, self.batch_size, self.name = run_batch, batch_size, name
         self.max_wait_s = env_int("CLIPMASK_BATCH_WAIT_MS", DEFAULT_WAIT_MS) / 1000.0 \
             if max_wait_s is None else max_wait_s
+        self.loading_wait_s = max(self.max_wait_s, env_int("CLIPMASK_BATCH_WAIT_LOADING_MS",
+                                                           DEFAULT_LOADING_WAIT_MS) / 1000.0) \
+            if loading_wait_s is None else loading_wait_s
+        self._loading = 0
         self._cond = threading.Condition()
         self._pending: OrderedDict[Hashable, deque[_Request]] = OrderedDict()
         self.streams = max(1, streams)
@@ -81,6 +90,18 @@ class DeviceLoop:
             self._cond.notify_all()
         return [request.future for request in requests]
 
+    @contextlib.contextmanager
+    def loading(self):
+        """Around reading and decoding an image that will be submitted: a partial batch may wait
+        for it (up to ``loading_wait_s`` from its first image's arrival)."""
+        with self._cond:
+            self._loading += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._loading -= 1
+
     def _serve(self) -> None:
         while True:
             key, batch, alone = self._next_batch()
@@ -100,8 +121,8 @@ class DeviceLoop:
 
     def _next_batch(self) -> tuple[Hashable, list[_Request], bool]:
         """The oldest key's next batch: full, or whatever is there once its first item has waited
-        ``max_wait_s`` (at once, when the device was busy for longer than that); and whether it
-        runs alone. Every wake-up looks again, since another of the loop's threads may have
+        ``max_wait_s`` (``loading_wait_s`` while images are being loaded; at once, when the device
+        was busy for longer than that); and whether it runs alone. Every wake-up looks again, since another of the loop's threads may have
         taken the batch meanwhile."""
         with self._cond:
             while True:
@@ -109,7 +130,8 @@ class DeviceLoop:
                     self._cond.wait()
                     continue
                 key, queue = next(iter(self._pending.items()))
-                remaining = queue[0].arrived + self.max_wait_s - time.monotonic()
+                wait = self.loading_wait_s if self._loading else self.max_wait_s
+                remaining = queue[0].arrived + wait - time.monotonic()
                 if len(queue) >= self.batch_size or remaining <= 0:
                     break
                 self._cond.wait(remaining)
