@@ -76,19 +76,26 @@ def ensure_model(path: Path) -> Path:
     return path
 
 
-def make_image(index: int) -> Image.Image:
-    """A deterministic 512x384 photo stand-in: smooth gradients, blobs and noise."""
-    rng = np.random.default_rng(index)
-    y, x = np.mgrid[0:HEIGHT, 0:WIDTH] / np.array([HEIGHT, WIDTH])[:, None, None]
+def photo(width: int, height: int, seed: int) -> np.ndarray:
+    """A deterministic (height, width, 3) uint8 photo stand-in: smooth waves, a blob per channel
+    and sensor-like noise (JPEG quality 90 makes about 5 MB of it at 12 MP). bench_host.py and the
+    scripts that import its ``make_jpeg`` use it at any size."""
+    rng = np.random.default_rng(seed)
+    y = np.linspace(0, 1, height, dtype=np.float32)[:, None]
+    x = np.linspace(0, 1, width, dtype=np.float32)[None, :]
     channels = []
-    for c in range(3):
+    for _ in range(3):
         fx, fy, phase = rng.uniform(1, 4, 2).tolist() + [rng.uniform(0, 6.3)]
         wave = 0.5 + 0.25 * np.sin(2 * np.pi * (fx * x + fy * y) + phase)
         cx, cy, r = rng.uniform(0.2, 0.8, 2).tolist() + [rng.uniform(0.1, 0.3)]
         blob = 0.4 * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * r * r))
-        channels.append(wave + blob + rng.normal(0, 0.06, (HEIGHT, WIDTH)))
-    pixels = np.clip(np.stack(channels, axis=-1) * 255, 0, 255).astype(np.uint8)
-    return Image.fromarray(pixels, "RGB")
+        channels.append(wave + blob + rng.normal(0, 0.06, (height, width)).astype(np.float32))
+    return np.clip(np.stack(channels, axis=-1) * 255, 0, 255).astype(np.uint8)
+
+
+def make_image(index: int) -> Image.Image:
+    """Photo stand-in ``index`` at 512x384."""
+    return Image.fromarray(photo(WIDTH, HEIGHT, index), "RGB")
 
 
 def write_images(root: Path, count: int) -> list[Path]:

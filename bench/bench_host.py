@@ -46,7 +46,9 @@ import torch
 from PIL import Image, ImageOps
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
+
+from bench_engine import photo  # noqa: E402
 
 from worker.codecs import to_rgb  # noqa: E402
 from worker.engine import MaskEngine  # noqa: E402
@@ -77,20 +79,9 @@ def parse_args() -> argparse.Namespace:
 
 
 def make_jpeg(width: int, height: int, index: int) -> bytes:
-    """A deterministic photo stand-in (bench_engine.py's recipe at any size), JPEG quality 90."""
-    rng = np.random.default_rng(1000 + index)
-    y = np.linspace(0, 1, height, dtype=np.float32)[:, None]
-    x = np.linspace(0, 1, width, dtype=np.float32)[None, :]
-    channels = []
-    for _ in range(3):
-        fx, fy, phase = rng.uniform(1, 4, 2).tolist() + [rng.uniform(0, 6.3)]
-        wave = 0.5 + 0.25 * np.sin(2 * np.pi * (fx * x + fy * y) + phase)
-        cx, cy, r = rng.uniform(0.2, 0.8, 2).tolist() + [rng.uniform(0.1, 0.3)]
-        blob = 0.4 * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * r * r))
-        channels.append(wave + blob + rng.normal(0, 0.06, (height, width)).astype(np.float32))
-    pixels = np.clip(np.stack(channels, axis=-1) * 255, 0, 255).astype(np.uint8)
+    """bench_engine.py's photo stand-in at any size, JPEG quality 90."""
     buffer = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buffer, format="JPEG", quality=90)
+    Image.fromarray(photo(width, height, 1000 + index), "RGB").save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
 
 
