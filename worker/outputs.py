@@ -6,6 +6,7 @@ import json
 import os
 import socket
 from datetime import datetime, timezone
+from functools import cache
 from importlib import metadata as package_metadata
 
 from .codecs import encode_png
@@ -13,7 +14,10 @@ from .engine import MaskResult, output_roles
 from .spec import MaskSpec
 
 
+@cache
 def clipmask_version() -> str:
+    """The installed package's version, looked up once per process (``importlib.metadata`` scans
+    every distribution on ``sys.path``: 0.3 ms, with the GIL held, for each image's record)."""
     try:
         return package_metadata.version("clipmask")
     except package_metadata.PackageNotFoundError:
