@@ -12,10 +12,12 @@ bench_host.py's deterministic photo stand-in; ``--distinct`` different images, c
      precision): the 352x352 model input in grey levels and the masks, at --size and --diff-size
   d  ``clipmask run`` over a local folder, as a process: (N - n) / (t(N) - t(n)), so start-up and
      model load cancel out
+  g  d with 2 and then 4 ``clipmask run`` processes side by side on the device, each over its
+     share of the images: whether more processes per GPU (``--processes-per-device``) pay
   e  c and a again with ``CLIPMASK_COMPILE=1`` (``torch.compile`` of the backbone), in a child
      process bounded by what is left of ``--budget``
 
-GPU utilisation (nvidia-smi every 200 ms) is sampled during c and d. Not a test; exit code 0.
+GPU utilisation (nvidia-smi every 200 ms) is sampled during c, d and g. Not a test; exit code 0.
 
   python bench/bench_gpu.py                                   # CUDA, about 4 minutes on an H100
   python bench/bench_gpu.py --device cpu --shape tiny --images 24 --batch-sizes 4 --seconds 1
@@ -64,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, help="b-e (default: the largest of --batch-sizes)")
     parser.add_argument("--seconds", type=float, default=4.0, help="timed seconds per figure in a and b")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 4, help="loader/encoder threads (c)")
-    parser.add_argument("--sections", default="abcfde", help="which sections, in this order")
+    parser.add_argument("--sections", default="abcfdge", help="which sections, in this order")
     parser.add_argument("--budget", type=float, default=270.0, help="seconds; later sections are skipped past it")
     parser.add_argument("--model-dir", type=Path, help="default bench/.cache/gpu-SHAPE (built once)")
     args = parser.parse_args(argv)
@@ -228,34 +230,46 @@ def decode_difference(engine: MaskEngine, args) -> None:
               f"raw mask mean {raw.mean():.3f} grey levels; thresholded pixels flipped {flipped:.4%}", flush=True)
 
 
-def clipmask_run(args, files: list[bytes], model_dir: Path) -> None:
-    """d: the whole CLI process, twice (n and N images), so start-up cancels out."""
-    small = max(args.batch_size, len(files) // 8)
+def clipmask_run(args, files: list[bytes], model_dir: Path, processes: int = 1) -> None:
+    """d: the whole CLI process, twice (n and N images), so start-up cancels out. g: the same with
+    ``processes`` of them side by side on the one device, each over its share of the images (as
+    ``clipmask worker --processes-per-device`` would run them): does one process feed the GPU?"""
+    section = "d" if processes == 1 else "g"
+    small = max(args.batch_size * processes, len(files) // 8)
     root = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     try:
         seconds = {}
         for count in (small, len(files)):
-            src = root / f"src{count}"
-            src.mkdir()
-            for i in range(count):
-                (src / f"img_{i:06d}.jpg").write_bytes(files[i])
-            command = [sys.executable, "-m", "tasks.cli", "run", str(src), "--out", str(root / f"out{count}"),
-                       "--prompt", PROMPT, "--negative", NEGATIVE, "--model", str(model_dir), "--device",
-                       args.device, "--batch-size", str(args.batch_size), "--quiet"]
+            commands = []
+            for part in range(processes):
+                src = root / f"src{count}-{part}"
+                src.mkdir()
+                for i in range(part, count, processes):
+                    (src / f"img_{i:06d}.jpg").write_bytes(files[i])
+                commands.append([sys.executable, "-m", "tasks.cli", "run", str(src), "--out",
+                                 str(root / f"out{count}-{part}"), "--prompt", PROMPT, "--negative", NEGATIVE,
+                                 "--model", str(model_dir), "--device", args.device, "--batch-size",
+                                 str(args.batch_size), "--quiet"])
             env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
             with GpuSampler(torch.device(args.device)) as sampler:
                 started = time.perf_counter()
-                done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+                running = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.PIPE, text=True) for command in commands]
+                outcomes = [(process.wait(), process.stderr.read()) for process in running]
                 seconds[count] = time.perf_counter() - started
-            print(f"d  clipmask run {count:6d} images: {seconds[count]:6.1f} s, exit {done.returncode}; "
+            codes = [code for code, _ in outcomes]
+            print(f"{section}  clipmask run x{processes} {count:6d} images: {seconds[count]:6.1f} s, exit {codes}; "
                   f"{sampler.summary}", flush=True)
-            if done.returncode != 0:
-                print("   " + done.stderr[-2000:].replace("\n", "\n   "))
+            failed = [error for code, error in outcomes if code != 0]
+            if failed:
+                print("   " + failed[0][-2000:].replace("\n", "\n   "))
                 return
-        rate = (len(files) - small) / max(1e-9, seconds[len(files)] - seconds[small])
-        print(f"d  clipmask run: {rate:8.0f} images/s (marginal, {small} -> {len(files)} images); "
+        extra = seconds[len(files)] - seconds[small]
+        marginal = (f"{(len(files) - small) / extra:8.0f} images/s" if extra > 0
+                    else "not measurable (start-up varied more)")
+        print(f"{section}  clipmask run x{processes}: {marginal} (marginal, {small} -> {len(files)} images); "
               f"{len(files) / seconds[len(files)]:.0f} images/s with start-up", flush=True)
-        print(f"   command: {' '.join(command)}")
+        print(f"   command ({processes} at once, each over its share): {' '.join(commands[0])}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -309,6 +323,9 @@ def main(argv=None) -> int:
             decode_difference(engine, args)
         elif section == "d":
             clipmask_run(args, files, args.model_dir)
+        elif section == "g":
+            for processes in (2, 4):
+                clipmask_run(args, files, args.model_dir, processes)
         elif section == "e" and not child:
             compiled(args, started)
     print(f"total {time.perf_counter() - started:.0f} s")

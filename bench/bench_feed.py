@@ -1,0 +1,139 @@
+"""Can one worker process feed a GPU? The host side of ``clipmask run`` as on a GPU, device stubbed.
+
+What a process does per image around a GPU: read the file (local folder or S3), parse its JPEG
+header (the device decodes it: ``CLIPMASK_DEVICE_DECODE``), then, when the masks come back,
+encode the two PNGs and write them and the metadata record, plus the manifest. Here the device
+is a STAND-IN (``predict_prepared`` returns ready 640x480 mask pixels at once, no model, no
+decode), so everything measured is the host's: ``run_local``, the code of ``clipmask run``, over
+640x480 JPEGs, with the engine's pipeline and its threads as they are.
+
+Printed per store (a local folder; S3 on a moto server started here, ``python -m moto.server``):
+images per second on this machine, and the CPU time this process spent per image (``process_time``:
+every thread, the kernel's part included; moto's own CPU is not counted, but it runs on the same
+cores and slows the S3 wall-clock figure). With ``--gil`` (needs ``py-spy`` on PATH or in the
+venv, and ptrace rights), the time per image some thread held the GIL, sampled by py-spy:
+a process cannot go faster than 1000 / that many images per second, however many cores it has.
+That ceiling, against a GPU's 2,000+ images per second, is what ``clipmask worker
+--processes-per-device`` is for.
+
+Usage: .venv/bin/python bench/bench_feed.py [--images 2000] [--s3-images 400] [--repeat 2] [--gil]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH_DIR.parent), str(BENCH_DIR)]
+
+from bench_host import NEGATIVE, PROMPT, make_jpeg, standin_logits  # noqa: E402
+from storage import open_store  # noqa: E402
+from tasks.local import run_local  # noqa: E402
+from worker import postprocess  # noqa: E402
+from worker.engine import MaskEngine  # noqa: E402
+from worker.random_model import build_random_clipseg  # noqa: E402
+from worker.result import MaskResult  # noqa: E402
+from worker.spec import MaskSpec  # noqa: E402
+
+SIZE = (640, 480)
+BUCKET = "bench-feed"
+
+
+class StubDevice(MaskEngine):
+    """STAND-IN for the GPU: ready mask pixels for every image, no model and no decode."""
+
+    masks: tuple = ()
+
+    def predict_prepared(self, items, spec):
+        raw, binary = self.masks
+        return [MaskResult(raw_pixels={spec.raw_bits: raw.copy()}, binary_pixels=binary.copy()) for _ in items]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2000, help="images per run, local folder")
+    parser.add_argument("--s3-images", type=int, default=400, help="images per run, S3 (moto is slow)")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per store; the best counts")
+    parser.add_argument("--gil", action="store_true", help="also sample GIL-held time with py-spy")
+    return parser.parse_args()
+
+
+def py_spy() -> str | None:
+    return shutil.which("py-spy") or next((str(p) for p in [Path(sys.executable).with_name("py-spy")] if p.exists()),
+                                          None)
+
+
+def measure(source: str, dest: str, spec: MaskSpec, engine: MaskEngine, gil: bool, work: Path) -> dict:
+    spy, samples_file, rate = None, work / "gil.txt", 200
+    if gil:
+        spy = subprocess.Popen([py_spy(), "record", "--pid", str(os.getpid()), "--gil", "--nonblocking",
+                                "--rate", str(rate), "--format", "raw", "--output", str(samples_file)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)  # py-spy attached
+    cpu, wall = time.process_time(), time.perf_counter()
+    summary = run_local(source, dest, spec, lambda: engine, progress=False)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    images = summary["succeeded"]
+    figures = {"images": images, "rate": images / wall, "cpu_ms": cpu / images * 1e3}
+    if spy is not None:
+        spy.send_signal(2)  # SIGINT: py-spy writes its samples and exits
+        spy.wait(60)
+        held = sum(int(line.rsplit(" ", 1)[1]) for line in samples_file.read_text().splitlines() if line.strip())
+        figures["gil_ms"] = held / rate / images * 1e3
+    return figures
+
+
+def main() -> None:
+    args = parse_args()
+    if args.gil and py_spy() is None:
+        sys.exit("--gil needs py-spy: .venv/bin/pip install py-spy")
+    work = Path(tempfile.mkdtemp(prefix="bench-feed-"))
+    from tests.services import MotoServer  # the tests' own moto server helper
+
+    moto = MotoServer(workdir=str(work)).start()
+    os.environ.update(AWS_ENDPOINT_URL_S3=moto.endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                      AWS_DEFAULT_REGION="us-east-1")
+    try:
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket=BUCKET)
+        engine = StubDevice.load(str(build_random_clipseg(work / "tiny", shape="tiny")), device="cpu",
+                                 batch_size=32, device_decode=True)  # the processor only; headers parsed
+        spec = MaskSpec.from_text(PROMPT, NEGATIVE)
+        rendered = postprocess.render(standin_logits("smooth", 0), spec, (SIZE[1], SIZE[0]))
+        engine.masks = (rendered.raw_pixels.numpy(), rendered.binary_pixels.numpy())
+        jpegs = [make_jpeg(*SIZE, i) for i in range(16)]
+        local, s3 = work / "src", open_store(f"s3://{BUCKET}/src/")
+        local.mkdir()
+        for i in range(args.images):
+            (local / f"{i:05d}.jpg").write_bytes(jpegs[i % 16])
+        for i in range(args.s3_images):
+            s3.write_bytes(f"{i:05d}.jpg", jpegs[i % 16])
+        print(f"host side of clipmask run as on a GPU: device STAND-IN (ready {SIZE[0]}x{SIZE[1]} masks, JPEGs "
+              f"left to the device), 3 prompts + 1 negative, {os.cpu_count()} cores, best of {args.repeat}")
+        print(f"{'store':>6} {'images':>7} {'img/s':>7} {'CPU ms/img':>11}" + (
+            f" {'GIL ms/img':>11} {'ceiling img/s/process':>22}" if args.gil else ""))
+        for name, source, dest in (("local", str(local), str(work / "out")),
+                                   ("s3", f"s3://{BUCKET}/src/", f"s3://{BUCKET}/out")):
+            runs = [measure(source, f"{dest}{run}/", spec, engine, args.gil, work) for run in range(args.repeat)]
+            best = max(runs, key=lambda figures: figures["rate"])
+            line = f"{name:>6} {best['images']:7d} {best['rate']:7.0f} {min(r['cpu_ms'] for r in runs):11.2f}"
+            if args.gil:
+                gil = min(r["gil_ms"] for r in runs)
+                line += f" {gil:11.2f} {1000 / gil:22.0f}"
+            print(line, flush=True)
+        print("(S3: moto serves every request in Python on the same cores; its CPU is not in the CPU column)")
+    finally:
+        moto.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
