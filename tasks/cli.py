@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--seed", type=int, default=0, help="seed of the random sample (default 0)")
     worker = commands.add_parser(
         "worker", parents=[engine], help="start this machine's Celery workers",
-        description="Start one worker process per GPU (one CPU process without GPUs). Each process loads the "
+        description="Start one worker process per GPU (one CPU process without GPUs), or --processes-per-device "
+                    "of them. Each process loads the "
                     "model once and holds up to --tasks tasks at a time (Celery's threads pool); their images "
                     "share one device loop, which batches them together. Other options are passed to "
                     "`celery worker`.")
@@ -144,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--tasks", type=at_least(1), default=env_int("CLIPMASK_WORKER_TASKS", DEFAULT_WORKER_TASKS),
                         help="tasks each process holds at once, feeding its device loop "
                              f"(default $CLIPMASK_WORKER_TASKS or {DEFAULT_WORKER_TASKS})")
+    worker.add_argument("--processes-per-device", type=at_least(1),
+                        default=env_int("CLIPMASK_PROCESSES_PER_DEVICE", 1),
+                        help="worker processes per device, each with its own model, tasks and device loop "
+                             "(default $CLIPMASK_PROCESSES_PER_DEVICE or 1). Raise it on a GPU when one "
+                             "process's host work (S3 requests, PNG encoding: Python, one core at a time) "
+                             "cannot keep the GPU busy; on the CPU the processes share its threads")
     worker.add_argument("--loglevel", default="INFO")
     return parser
 

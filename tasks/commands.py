@@ -124,10 +124,16 @@ def preview(args: argparse.Namespace, _extra: list[str]) -> int:
 
 
 def worker(args: argparse.Namespace, extra: list[str]) -> int:
-    """One Celery worker process per device, each a child of this process (``tasks.supervise``),
-    which forwards SIGTERM to them (a warm shutdown) and starts again one that exits on its own."""
+    """One Celery worker process per device (or ``--processes-per-device``), each a child of this
+    process (``tasks.supervise``), which forwards SIGTERM to them (a warm shutdown) and starts again
+    one that exits on its own."""
     from worker.model import check_model_available, model_reference
 
+    for option, variable in (("tasks", "CLIPMASK_WORKER_TASKS"),
+                             ("processes_per_device", "CLIPMASK_PROCESSES_PER_DEVICE")):
+        if getattr(args, option) < 1:  # a default from the environment skips argparse's check
+            raise ValueError(f"--{option.replace('_', '-')} (default ${variable}) must be at least 1, "
+                             f"got {getattr(args, option)}")
     devices = _worker_devices(args)
     if args.model:
         os.environ["CLIPMASK_MODEL"] = args.model
@@ -140,7 +146,7 @@ def worker(args: argparse.Namespace, extra: list[str]) -> int:
         return _serve_device(devices[0], args, extra)
     check_model_available(model_reference())
     _serve_metrics()  # here, for all devices: children write their samples to its folder
-    return supervise_workers(devices, args, extra)
+    return supervise_workers([device for device in devices for _ in range(args.processes_per_device)], args, extra)
 
 
 def _serve_device(device: str, args: argparse.Namespace, extra: list[str]) -> int:

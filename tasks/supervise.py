@@ -1,4 +1,5 @@
-"""``clipmask worker``: one child ``clipmask worker --device D`` per device, kept running.
+"""``clipmask worker``: one child ``clipmask worker --device D`` per device (or
+``--processes-per-device`` of them), kept running.
 
 Each child is a whole Celery worker with its own engine and device loop (a CUDA context per
 process, made after its own start, never inherited). The parent forwards SIGTERM, SIGINT and
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 log = logging.getLogger("clipmask.worker")
 
@@ -27,14 +29,15 @@ CHILD_ENV = "CLIPMASK_WORKER_CHILD"
 RESTART_DELAY_S = 5
 
 
-def child_command(device: str, args: argparse.Namespace, extra: list[str], tagged: bool = True) -> list[str]:
-    """The ``clipmask worker`` line of the child for ``device``. When ``tagged`` (several devices),
-    a node name given with ``-n`` gets the device in it (``w@%h`` becomes ``w-cuda1@%h``), else
-    it is ``clipmask-cuda1@%h``; untagged, the name is left to ``extra`` and Celery."""
+def child_command(device: str, args: argparse.Namespace, extra: list[str], tag: str | None = "") -> list[str]:
+    """The ``clipmask worker`` line of the child for ``device``. With a ``tag`` (by default the
+    device's, ``cuda1``; ``child_tags`` for several children), a node name given with ``-n`` gets
+    it (``w@%h`` becomes ``w-cuda1@%h``), else the name is ``clipmask-cuda1@%h``; with ``None``,
+    the name is left to ``extra`` and Celery."""
     extra = list(extra)
-    tag = device.replace(":", "")
-    if not tagged:
+    if tag is None:
         return _worker_line(device, args, extra)
+    tag = tag or device.replace(":", "")
     for flag in ("-n", "--hostname"):
         if flag in extra[:-1]:
             at = extra.index(flag) + 1
@@ -46,17 +49,42 @@ def child_command(device: str, args: argparse.Namespace, extra: list[str], tagge
     return _worker_line(device, args, extra)
 
 
+def child_tags(devices: list[str]) -> list[str | None]:
+    """The node-name tag of each child (``child_command``): ``None`` for a lone child, the device
+    (``cuda1``) for one child per device, and the device with the child's number among that
+    device's (``cuda1-0``, ``cuda1-1``) where a device has several, so that every name differs."""
+    if len(devices) == 1:
+        return [None]
+    counts, seen, tags = Counter(devices), Counter(), []
+    for device in devices:
+        tag = device.replace(":", "")
+        if counts[device] > 1:
+            tag, seen[device] = f"{tag}-{seen[device]}", seen[device] + 1
+        tags.append(tag)
+    return tags
+
+
+def child_env(devices: list[str], slot: int) -> dict[str, str]:
+    """Environment additions of child ``slot``: where several children share the CPU, each gets
+    its share of the cores as torch threads (``OMP_NUM_THREADS``), unless that is set already."""
+    sharing = devices.count(devices[slot])
+    if devices[slot] != "cpu" or sharing == 1 or os.environ.get("OMP_NUM_THREADS"):
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // sharing))}
+
+
 def _worker_line(device: str, args: argparse.Namespace, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "tasks.cli", "worker", "--device", device, "--tasks", str(args.tasks),
             "--precision", args.precision, "--loglevel", args.loglevel, *extra]
 
 
 def supervise_workers(devices: list[str], args: argparse.Namespace, extra: list[str]) -> int:
-    """Run one child worker per device until a shutdown signal; returns the worst exit code."""
-    commands = [child_command(device, args, extra, tagged=len(devices) > 1) for device in devices]
+    """Run one child worker per entry of ``devices`` (a device listed twice gets two) until a
+    shutdown signal; returns the worst exit code."""
+    commands = [child_command(device, args, extra, tag) for device, tag in zip(devices, child_tags(devices))]
     # The parent serves the metrics; children only write their samples (PROMETHEUS_MULTIPROC_DIR).
     env = {**os.environ, "CLIPMASK_METRICS_PORT": "0", CHILD_ENV: "1"}
-    start = lambda slot: subprocess.Popen(commands[slot], env=env)  # noqa: E731
+    start = lambda slot: subprocess.Popen(commands[slot], env={**env, **child_env(devices, slot)})  # noqa: E731
     children = [start(slot) for slot in range(len(devices))]
     stopping: list[int] = []
 

@@ -49,6 +49,17 @@ def test_submit_rejects_a_chunk_size_below_one(folder, tmp_path, env):
     assert result.returncode == 2 and "--chunk-size: must be at least 1" in result.stderr
 
 
+@pytest.mark.parametrize("args, variables, message", [
+    (["--processes-per-device", "0"], {}, "--processes-per-device: must be at least 1, got 0"),
+    ([], {"CLIPMASK_PROCESSES_PER_DEVICE": "0"},
+     "--processes-per-device (default $CLIPMASK_PROCESSES_PER_DEVICE) must be at least 1, got 0"),
+    ([], {"CLIPMASK_WORKER_TASKS": "0"}, "--tasks (default $CLIPMASK_WORKER_TASKS) must be at least 1, got 0"),
+])
+def test_worker_rejects_a_process_or_task_count_below_one_before_starting(env, args, variables, message):
+    result = clipmask("worker", "--device", "cpu", *args, env={**env, **variables}, timeout=60)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("command", ["run", "submit"])
 def test_a_missing_source_or_a_file_is_named_as_such(folder, tmp_path, env, command):
     missing = clipmask(command, str(tmp_path / "nope"), "--out", str(tmp_path / "out"), "--prompt", "dog", env=env)

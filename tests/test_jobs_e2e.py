@@ -440,6 +440,38 @@ def test_one_worker_per_device_restarted_when_it_dies_and_stopped_by_sigterm(buc
             parent.wait(30)
 
 
+def test_two_processes_per_device_each_serve_with_a_name_and_threads_of_their_own(bucket_with_inputs, job_env,
+                                                                                   start_worker):
+    import os
+    import re
+
+    # Given `clipmask worker` asked for two processes on its one device (the CPU)
+    worker = start_worker("pair", CLIPMASK_PROCESSES_PER_DEVICE="2")
+    children = _children_of(worker.process.pid, count=2)
+    assert len(children) == 2, worker.log()
+    deadline = time.monotonic() + 120
+    while len(set(re.findall(r"(pair-\w+-cpu-[01]@\S+) ready", worker.log()))) < 2:
+        assert time.monotonic() < deadline and worker.process.poll() is None, worker.log()
+        time.sleep(0.2)
+    # Then each is a Celery node of its own name, with half of the cores as torch threads
+    share = str(max(1, len(os.sched_getaffinity(0)) // 2))
+    for pid in children:
+        environ = dict(item.split("=", 1) for item in open(f"/proc/{pid}/environ").read().split("\0") if "=" in item)
+        assert environ.get("OMP_NUM_THREADS") == share
+    # And a job's masks are all made, by these processes
+    status = wait_for(submit(bucket_with_inputs, job_env, "--chunk-size", "1"), job_env, worker=worker)
+    assert status["state"] == "finished" and status["succeeded"] == 4, status
+    records = [json.loads(boto3.client("s3").get_object(Bucket=bucket_with_inputs, Key=key)["Body"].read())
+               for key in _metadata_keys(bucket_with_inputs)]
+    assert len(records) == 4 and {record["worker"]["pid"] for record in records} <= set(children)
+
+
+def _metadata_keys(bucket: str) -> list[str]:
+    listing = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix="out/")
+    return [item["Key"] for item in listing.get("Contents", [])
+            if item["Key"].endswith(".json") and "/_jobs/" not in item["Key"]]
+
+
 def _children_of(pid: int, count: int, wait: bool = True) -> list[int]:
     """The pids of ``pid``'s child processes; with ``wait``, once there are ``count`` of them."""
     deadline = time.monotonic() + 60
