@@ -38,6 +38,7 @@ class MaskResult:
         self._binary_pixels = binary_pixels
         self.timings_ms = {} if timings_ms is None else timings_ms
         self.batch_images = 1  # images in the forward pass that made this result
+        self._coverage: float | None = None
         self._render: Callable[[], MaskResult] | None = None
         self._render_lock: threading.Lock | None = None
 
@@ -79,9 +80,12 @@ class MaskResult:
 
     @property
     def coverage(self) -> float:
-        """Fraction of pixels on in the thresholded mask."""
-        pixels = self.binary_pixels()
-        return float(np.count_nonzero(pixels)) / pixels.size if pixels.size else 0.0
+        """Fraction of pixels on in the thresholded mask (counted once: the record, the outcome
+        and the log line each ask)."""
+        if self._coverage is None:
+            pixels = self.binary_pixels()
+            self._coverage = float(np.count_nonzero(pixels)) / pixels.size if pixels.size else 0.0
+        return self._coverage
 
     def raw_pixels(self, bits: int = 8) -> np.ndarray:
         """``round(raw * (2**bits - 1))`` as uint8 or uint16."""
