@@ -64,13 +64,13 @@ def child_tags(devices: list[str]) -> list[str | None]:
     return tags
 
 
-def child_env(devices: list[str], slot: int) -> dict[str, str]:
-    """Environment additions of child ``slot``: where several children share the CPU, each gets
-    its share of the cores as torch threads (``OMP_NUM_THREADS``), unless that is set already."""
-    sharing = devices.count(devices[slot])
-    if devices[slot] != "cpu" or sharing == 1 or os.environ.get("OMP_NUM_THREADS"):
+def child_env(devices: list[str]) -> dict[str, str]:
+    """Environment additions of every child: where there are several, each gets its share of the
+    machine's cores as torch threads (``OMP_NUM_THREADS``; torch would give each all of them),
+    unless that is set already. On a GPU the threads only serve host-side tensor work."""
+    if len(devices) == 1 or os.environ.get("OMP_NUM_THREADS"):
         return {}
-    return {"OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // sharing))}
+    return {"OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // len(devices)))}
 
 
 def _worker_line(device: str, args: argparse.Namespace, extra: list[str]) -> list[str]:
@@ -83,8 +83,8 @@ def supervise_workers(devices: list[str], args: argparse.Namespace, extra: list[
     shutdown signal; returns the worst exit code."""
     commands = [child_command(device, args, extra, tag) for device, tag in zip(devices, child_tags(devices))]
     # The parent serves the metrics; children only write their samples (PROMETHEUS_MULTIPROC_DIR).
-    env = {**os.environ, "CLIPMASK_METRICS_PORT": "0", CHILD_ENV: "1"}
-    start = lambda slot: subprocess.Popen(commands[slot], env={**env, **child_env(devices, slot)})  # noqa: E731
+    env = {**os.environ, "CLIPMASK_METRICS_PORT": "0", CHILD_ENV: "1", **child_env(devices)}
+    start = lambda slot: subprocess.Popen(commands[slot], env=env)  # noqa: E731
     children = [start(slot) for slot in range(len(devices))]
     stopping: list[int] = []
 
