@@ -2,7 +2,9 @@
 
 Real parts: its own redis-server on a free port, one ``clipmask worker --device cpu`` (threads
 pool, ``--tasks`` tasks sharing one device loop), a local folder of 640x480 JPEGs (bench_host.py's
-photo stand-in), the random CLIPSeg with rd64's shapes (bench_engine.py's, built once). Measured,
+photo stand-in), or with ``--store s3`` the same JPEGs in a bucket of a moto S3 server started
+here (inputs read and masks written there), the random CLIPSeg with rd64's shapes
+(bench_engine.py's, built once). Measured,
 each after a warm-up request, with the worker already up:
 
 1. A job of ``--images`` images with ``--chunk-size 8`` against the same job as one chunk of
@@ -18,12 +20,13 @@ each after a warm-up request, with the worker already up:
 
 CPU figures; these machines are noisy, so compare only within one run.
 
-Usage: .venv/bin/python bench/bench_worker.py [--images 256] [--requests 32] [--precision int8]
+Usage: .venv/bin/python bench/bench_worker.py [--images 256] [--requests 32] [--precision int8] [--store local|s3]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import subprocess
@@ -41,7 +44,7 @@ sys.path[:0] = [str(REPO), str(BENCH_DIR)]
 from bench_engine import ensure_model  # noqa: E402
 from bench_host import make_jpeg  # noqa: E402
 from bench_jobs import wait_manifest  # noqa: E402
-from tests.services import RedisServer  # noqa: E402
+from tests.services import MotoServer, RedisServer  # noqa: E402
 
 CLIPMASK = str(REPO / ".venv" / "bin" / "clipmask")
 PROMPT, NEGATIVE = "a person|a dog|a cat", "background"
@@ -54,25 +57,27 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=32, help="one-image requests (default 32)")
     parser.add_argument("--precision", default="int8", help="worker --precision (default int8, CPU's fastest)")
     parser.add_argument("--model-dir", type=Path, default=BENCH_DIR / ".cache" / "rd64")
+    parser.add_argument("--store", choices=("local", "s3"), default="local",
+                        help="where the inputs and masks are: a local folder, or a moto S3 server (default local)")
     return parser.parse_args()
 
 
-def job_rate(source: Path, dest: Path, chunk: int, env: dict, client: redis.Redis) -> float:
+def job_rate(source: str, dest: str, images: int, chunk: int, env: dict, client: redis.Redis) -> float:
     """Images/s of one job, from the start of ``clipmask submit`` to its manifest."""
     started = time.perf_counter()
-    out = subprocess.run([CLIPMASK, "submit", str(source), "--out", str(dest), "--prompt", PROMPT,
+    out = subprocess.run([CLIPMASK, "submit", source, "--out", dest, "--prompt", PROMPT,
                           "--negative", NEGATIVE, "--chunk-size", str(chunk)],
                          env=env, capture_output=True, text=True, check=True).stdout
     wait_manifest(client, out.strip().splitlines()[-1], timeout=3600, interval=0.1)
-    return sum(1 for _ in source.iterdir()) / (time.perf_counter() - started)
+    return images / (time.perf_counter() - started)
 
 
-def offload_rate(app, source: Path, dest: Path, keys: list[str], together: bool) -> tuple[float, list[int]]:
+def offload_rate(app, source: str, dest: str, keys: list[str], together: bool) -> tuple[float, list[int]]:
     """Images/s of ``keys`` as one-image requests, sent together or one at a time."""
     from worker.spec import MaskSpec
 
     spec = MaskSpec.from_text(PROMPT, NEGATIVE).to_dict()
-    send = lambda key: app.send_task("clipmask.mask_image", args=(str(source), key, str(dest), spec))  # noqa: E731
+    send = lambda key: app.send_task("clipmask.mask_image", args=(source, key, dest, spec))  # noqa: E731
     started = time.perf_counter()
     if together:
         rows = [result.get(timeout=600) for result in [send(key) for key in keys]]
@@ -97,6 +102,23 @@ def model_ceiling(model: Path, precision: str, source: Path, keys: list[str]) ->
             forward_rate(engine, pixels, spec, engine.batch_size, engine.streams, alone=False), engine.batch_size)
 
 
+@contextlib.contextmanager
+def s3_copy(source: Path, work: Path, env: dict):
+    """A moto S3 server holding ``source``'s files under ``s3://bench-worker/in/``; sets ``env``'s
+    endpoint and credentials; yields ``s3://bench-worker``."""
+    import boto3
+
+    with MotoServer(workdir=str(work)).start() as moto:
+        env.update(AWS_ENDPOINT_URL_S3=moto.endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                   AWS_DEFAULT_REGION="us-east-1")
+        s3 = boto3.session.Session().client("s3", endpoint_url=moto.endpoint, aws_access_key_id="bench",
+                                            aws_secret_access_key="bench", region_name="us-east-1")
+        s3.create_bucket(Bucket="bench-worker")
+        for path in source.iterdir():
+            s3.put_object(Bucket="bench-worker", Key=f"in/{path.name}", Body=path.read_bytes())
+        yield "s3://bench-worker"
+
+
 def main() -> None:
     args = parse_args()
     model = ensure_model(args.model_dir)
@@ -104,7 +126,7 @@ def main() -> None:
           f"precision {args.precision}, random rd64-shaped CLIPSeg, 640x480 JPEGs, prompts {PROMPT!r} - {NEGATIVE!r}",
           flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp, \
-            RedisServer(workdir=tmp).start() as server:
+            RedisServer(workdir=tmp).start() as server, contextlib.ExitStack() as stack:
         work = Path(tmp)
         source = work / "in"
         source.mkdir()
@@ -113,7 +135,10 @@ def main() -> None:
         env = {**os.environ, "CELERY_BROKER_URL": server.url, "CELERY_RESULT_BACKEND": server.url,
                "CLIPMASK_MODEL": str(model), "HF_HUB_OFFLINE": "1", "CLIPMASK_QUEUE": "bench",
                "CLIPMASK_PRECISION": args.precision}
-        os.environ.update({k: env[k] for k in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "CLIPMASK_QUEUE")})
+        root = str(work)  # where inputs and outputs are, as the worker sees them
+        if args.store == "s3":
+            root = stack.enter_context(s3_copy(source, work, env))
+        os.environ.update({k: v for k, v in env.items() if k.startswith(("CELERY_", "CLIPMASK_QUEUE", "AWS_"))})
         from tasks.queue import app
 
         client = redis.Redis.from_url(server.url)
@@ -123,19 +148,20 @@ def main() -> None:
                                       stdout=log, stderr=log)
             try:
                 keys = sorted(p.name for p in source.iterdir())
-                offload_rate(app, source, work / "warm", keys[:2], together=False)  # the worker is up and warm
-                print(f"\n1. a job of {args.images} images, chunk {args.small_chunk} vs one chunk of {args.images}",
-                      flush=True)
-                small = job_rate(source, work / "small", args.small_chunk, env, client)
-                large = job_rate(source, work / "large", args.images, env, client)
+                inputs = f"{root}/in"
+                offload_rate(app, inputs, f"{root}/warm", keys[:2], together=False)  # the worker is up and warm
+                print(f"\n1. a job of {args.images} images, chunk {args.small_chunk} vs one chunk of {args.images}"
+                      f" ({args.store})", flush=True)
+                small = job_rate(inputs, f"{root}/small", args.images, args.small_chunk, env, client)
+                large = job_rate(inputs, f"{root}/large", args.images, args.images, env, client)
                 print(f"  chunk {args.small_chunk:>4}: {small:6.2f} img/s\n  chunk {args.images:>4}: {large:6.2f} img/s\n"
                       f"  ratio {small / large:.2f} (target >= 0.9)", flush=True)
                 requests = keys[:args.requests]
-                print(f"\n2. {len(requests)} one-image offload requests (mask_image)", flush=True)
-                alone, alone_batches = offload_rate(app, source, work / "alone", requests, together=False)
-                together, batches = offload_rate(app, source, work / "together", requests, together=True)
+                print(f"\n2. {len(requests)} one-image offload requests (mask_image, {args.store})", flush=True)
+                alone, alone_batches = offload_rate(app, inputs, f"{root}/alone", requests, together=False)
+                together, batches = offload_rate(app, inputs, f"{root}/together", requests, together=True)
                 print(f"  one at a time: {alone:6.2f} img/s (batch sizes {sorted(set(alone_batches))})\n"
-                      f"  32 together:   {together:6.2f} img/s (batch sizes: mean {sum(batches) / len(batches):.1f}, "
+                      f"  {len(requests):>2} together:   {together:6.2f} img/s (batch sizes: mean {sum(batches) / len(batches):.1f}, "
                       f"max {max(batches)})\n  ratio {together / alone:.2f} (target >= 1.3)", flush=True)
                 one, batched, size = model_ceiling(model, args.precision, source, requests)
                 print(f"\n3. the model alone, the same {len(requests)} images (the ceiling of 2.)\n"

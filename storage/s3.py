@@ -2,8 +2,9 @@
 
 Endpoint, credentials and region come only from boto3's own configuration
 (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_DEFAULT_REGION,
-config files, ...). The boto3 client is created lazily, once per store and
-process; it is thread-safe, so one store may be shared by many threads.
+config files, ...). The boto3 client is created lazily, once per process for
+the same settings and environment, and shared by every store (``shared_client``);
+it is thread-safe, so stores may be shared by many threads.
 
 Retries happen in layers, each failure in exactly one of them:
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -233,13 +235,7 @@ class S3Store(ObjectStore):
         return self._client
 
     def _new_client(self) -> Any:
-        """Create an S3 client configured from boto3's environment handling."""
-        config = Config(
-            # total_max_attempts counts the first request too; Config's "max_attempts" would not.
-            retries={"mode": "standard", "total_max_attempts": self._max_attempts},
-            max_pool_connections=32,
-        )
-        return boto3.session.Session().client("s3", config=config)
+        return shared_client(self._max_attempts)
 
     def __getstate__(self) -> dict:
         """Pickle without the client and lock (recreated lazily after unpickling)."""
@@ -249,6 +245,45 @@ class S3Store(ObjectStore):
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _lock=threading.Lock())
+
+
+#: The process's S3 clients, most recently used last (``shared_client``).
+_CLIENTS: OrderedDict[tuple, Any] = OrderedDict()
+_CLIENTS_LOCK = threading.Lock()
+#: Clients kept for distinct settings (a long-lived process has one or two).
+_CLIENTS_KEPT = 8
+
+
+def shared_client(max_attempts: int) -> Any:
+    """This process's boto3 S3 client for ``max_attempts`` and the current ``AWS_*`` environment
+    (endpoint, credentials, region), made on first use and then shared by every store: a client is
+    thread-safe, and making one costs 60-190 ms of CPU, with the GIL held (botocore loads and
+    parses the service's model), which each chunk task and each offload request would otherwise
+    pay for its stores."""
+    key = (os.getpid(), max_attempts, tuple(sorted(item for item in os.environ.items() if item[0].startswith("AWS_"))))
+    with _CLIENTS_LOCK:
+        client = _CLIENTS.get(key)
+        if client is None:
+            config = Config(
+                # total_max_attempts counts the first request too; Config's "max_attempts" would not.
+                retries={"mode": "standard", "total_max_attempts": max_attempts},
+                max_pool_connections=32,
+            )
+            client = _CLIENTS[key] = boto3.session.Session().client("s3", config=config)
+            while len(_CLIENTS) > _CLIENTS_KEPT:
+                _CLIENTS.popitem(last=False)
+        _CLIENTS.move_to_end(key)
+        return client
+
+
+def _forget_clients_in_child() -> None:
+    """After a fork: the parent's clients (their connections) and lock are not this process's."""
+    global _CLIENTS_LOCK
+    _CLIENTS.clear()
+    _CLIENTS_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_clients_in_child)
 
 
 def _http_status(err: boto_errors.ClientError) -> int:

@@ -14,7 +14,7 @@ from urllib3.exceptions import ProtocolError
 
 from storage import is_transient, open_store
 from storage.s3 import STREAM_ATTEMPTS
-from tests.services import FaultyProxy
+from tests.services import FaultyProxy, free_port
 
 OBJECTS = 60
 OBJECT_SIZE = 50_000
@@ -112,3 +112,20 @@ def test_multipart_stream_through_faults_round_trips(s3_bucket, through):
     assert store.write_stream("big.bin", chunks) == len(data)
     assert store.read_bytes("big.bin") == data
     assert proxy.slowdowns >= 1
+
+
+def test_stores_share_one_client_and_a_new_endpoint_gets_its_own(s3_bucket, monkeypatch):
+    # Given two stores opened with the same settings (each chunk task and each offload request
+    # opens its own: a boto3 client of its own would cost them 60-190 ms of CPU each)
+    first = open_store(f"s3://{s3_bucket}/a/", max_attempts=1)
+    second = open_store(f"s3://{s3_bucket}/b/", max_attempts=1)
+    first.write_bytes("k", b"one")
+    # Then they share one client
+    assert first._s3() is second._s3()
+    # And a store opened after the endpoint changed uses the new endpoint (here: nothing listening)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")
+    moved = open_store(f"s3://{s3_bucket}/a/", max_attempts=1)
+    with pytest.raises(ConnectionError):
+        moved.read_bytes("k")
+    # While the stores opened before keep theirs
+    assert first.read_bytes("k") == b"one"
