@@ -66,8 +66,9 @@ def parse_args() -> argparse.Namespace:
 
 
 def py_spy() -> str | None:
-    return shutil.which("py-spy") or next((str(p) for p in [Path(sys.executable).with_name("py-spy")] if p.exists()),
-                                          None)
+    """py-spy on PATH, else beside this Python (the venv's)."""
+    beside = Path(sys.executable).with_name("py-spy")
+    return shutil.which("py-spy") or (str(beside) if beside.exists() else None)
 
 
 def measure(source: str, dest: str, spec: MaskSpec, engine: MaskEngine, gil: bool, work: Path) -> dict:
@@ -95,11 +96,10 @@ def main() -> None:
     if args.gil and py_spy() is None:
         sys.exit("--gil needs py-spy: .venv/bin/pip install py-spy")
     work = Path(tempfile.mkdtemp(prefix="bench-feed-"))
-    from tests.services import MotoServer  # the tests' own moto server helper
+    from tests.services import MotoServer, s3_test_env  # the tests' own moto server helpers
 
     moto = MotoServer(workdir=str(work)).start()
-    os.environ.update(AWS_ENDPOINT_URL_S3=moto.endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                      AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(s3_test_env(moto.endpoint))
     try:
         import boto3
 

@@ -44,7 +44,7 @@ sys.path[:0] = [str(REPO), str(BENCH_DIR)]
 from bench_engine import ensure_model  # noqa: E402
 from bench_host import make_jpeg  # noqa: E402
 from bench_jobs import wait_manifest  # noqa: E402
-from tests.services import MotoServer, RedisServer  # noqa: E402
+from tests.services import MotoServer, RedisServer, s3_test_env  # noqa: E402
 
 CLIPMASK = str(REPO / ".venv" / "bin" / "clipmask")
 PROMPT, NEGATIVE = "a person|a dog|a cat", "background"
@@ -104,18 +104,20 @@ def model_ceiling(model: Path, precision: str, source: Path, keys: list[str]) ->
 
 @contextlib.contextmanager
 def s3_copy(source: Path, work: Path, env: dict):
-    """A moto S3 server holding ``source``'s files under ``s3://bench-worker/in/``; sets ``env``'s
-    endpoint and credentials; yields ``s3://bench-worker``."""
+    """A moto S3 server holding ``source``'s files under ``s3://bench-worker/in/``; points ``env``
+    and this process at it (the tests' ``s3_test_env``); yields ``s3://bench-worker``."""
     import boto3
 
+    from storage import open_store
+
     with MotoServer(workdir=str(work)).start() as moto:
-        env.update(AWS_ENDPOINT_URL_S3=moto.endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                   AWS_DEFAULT_REGION="us-east-1")
-        s3 = boto3.session.Session().client("s3", endpoint_url=moto.endpoint, aws_access_key_id="bench",
-                                            aws_secret_access_key="bench", region_name="us-east-1")
-        s3.create_bucket(Bucket="bench-worker")
+        variables = s3_test_env(moto.endpoint)
+        env.update(variables)
+        os.environ.update(variables)
+        boto3.session.Session().client("s3").create_bucket(Bucket="bench-worker")
+        inputs = open_store("s3://bench-worker/in/")
         for path in source.iterdir():
-            s3.put_object(Bucket="bench-worker", Key=f"in/{path.name}", Body=path.read_bytes())
+            inputs.write_bytes(path.name, path.read_bytes())
         yield "s3://bench-worker"
 
 

@@ -122,8 +122,8 @@ class DeviceLoop:
     def _next_batch(self) -> tuple[Hashable, list[_Request], bool]:
         """The oldest key's next batch: full, or whatever is there once its first item has waited
         ``max_wait_s`` (``loading_wait_s`` while images are being loaded; at once, when the device
-        was busy for longer than that); and whether it runs alone. Every wake-up looks again, since another of the loop's threads may have
-        taken the batch meanwhile."""
+        was busy for longer than that); and whether it runs alone. Every wake-up looks again, since
+        another of the loop's threads may have taken the batch meanwhile."""
         with self._cond:
             while True:
                 if not self._pending:
