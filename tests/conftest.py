@@ -8,6 +8,7 @@ import uuid
 import boto3
 import pytest
 
+from tests.images import sample_inputs
 from tests.services import MotoServer, RedisServer, s3_test_env
 
 # --- services: Redis -------------------------------------------------------
@@ -73,6 +74,19 @@ def engine(tiny_model):
     from worker.engine import MaskEngine
 
     return MaskEngine.load(tiny_model, device="cpu", batch_size=3)
+
+
+# --- inputs ----------------------------------------------------------------
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    """The sample inputs (JPEG, grey PNG, RGBA PNG, WebP, a corrupt JPEG) in nested folders."""
+    root = tmp_path / "images"
+    for key, data in sample_inputs().items():
+        (root / key).parent.mkdir(parents=True, exist_ok=True)
+        (root / key).write_bytes(data)
+    return root
 
 
 # --- workers ---------------------------------------------------------------

@@ -14,6 +14,9 @@ from pathlib import Path
 # The installed console script, as users run it (the test command installs the project).
 CLIPMASK = [str(Path(sys.executable).with_name("clipmask"))]
 REPO = Path(__file__).resolve().parent.parent
+#: Healing settings that fit a test: redelivery and healing after 20 s without progress.
+FAST_HEALING = {"CLIPMASK_VISIBILITY_TIMEOUT": "20", "CLIPMASK_TASK_TIME_LIMIT": "15",
+                "CLIPMASK_HEAL_INTERVAL": "3", "CLIPMASK_RESTORE_INTERVAL": "1", "CLIPMASK_RESTORE_THROTTLE": "1"}
 
 
 def clipmask(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -91,3 +94,30 @@ def wait_for(job_id: str, env: dict, done: int | None = None, timeout: float = 2
             return status
         time.sleep(0.5)
     raise AssertionError(f"job {job_id} not done after {timeout}s: {status}\n" + (worker.log() if worker else ""))
+
+
+def named_job(submit_proc: subprocess.Popen) -> str:
+    """The job id that ``clipmask submit`` prints on stderr before it lists anything."""
+    for line in submit_proc.stderr:
+        if match := re.search(r"job (\w+): planning", line):
+            return match.group(1)
+    raise AssertionError("submit never named its job")
+
+
+def manifest_rows(out: Path, job_id: str) -> list[dict]:
+    """The rows of a job's manifest in a local DST."""
+    return [json.loads(line) for line in (out / "_jobs" / job_id / "manifest.jsonl").read_text().splitlines()]
+
+
+def submit(src, out, env: dict, *extra: str) -> str:
+    """``clipmask submit SRC --out DST --prompt 'a cat' EXTRA``; returns the job id it printed."""
+    result = clipmask("submit", str(src), "--out", str(out), "--prompt", "a cat", *extra, env=env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+def assert_each_input_once(rows: list[dict], expected_sources: set[str]) -> None:
+    """Every expected input has exactly one manifest row, and no other row exists."""
+    sources = [row["source"] for row in rows]
+    assert len(sources) == len(set(sources)), "a manifest row is duplicated"
+    assert set(sources) == expected_sources

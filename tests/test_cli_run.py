@@ -10,20 +10,10 @@ import pytest
 from PIL import Image
 
 from tests.processes import clipmask
-from tests.test_engine import reference_mask
-from tests.test_jobs_e2e import sample_inputs
+from tests.reference import reference_mask
+from tests.images import sample_inputs
 from worker.codecs import decode_image
 from worker.spec import MaskSpec
-
-
-@pytest.fixture
-def image_dir(tmp_path):
-    """The sample inputs (JPEG, grey PNG, RGBA PNG, WebP, a corrupt JPEG) in nested folders."""
-    root = tmp_path / "images"
-    for key, data in sample_inputs().items():
-        (root / key).parent.mkdir(parents=True, exist_ok=True)
-        (root / key).write_bytes(data)
-    return root
 
 
 @pytest.fixture

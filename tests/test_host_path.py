@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 from torchvision.io import decode_png
 
 from storage import open_store
-from tests.test_engine import reference_mask
+from tests.reference import reference_mask
 from worker import dominant, postprocess, preprocess
 from worker.codecs import decode_image, decode_scaled, encode_png, to_rgb
 from worker.engine import MaskResult, output_roles

@@ -16,30 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.images import encoded, sample_inputs
 from tests.processes import Worker, clipmask, job_status, wait_for
 from worker.spec import MaskSpec
 
 PROMPT, NEGATIVE = "a cat|dog", "tree"
-
-
-def encoded(image: Image.Image, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-def sample_inputs() -> dict[str, bytes]:
-    """JPEG, greyscale PNG, RGBA PNG and WebP in nested folders, a corrupt JPEG and a non-image."""
-    rng = np.random.default_rng(7)
-    rgb = lambda w, h: Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))  # noqa: E731
-    return {
-        "photos/cat.jpg": encoded(rgb(96, 64), "JPEG"),
-        "photos/deep/grey.png": encoded(rgb(40, 72).convert("L"), "PNG"),
-        "alpha.png": encoded(rgb(50, 50).convert("RGBA"), "PNG"),
-        "photos/pic.webp": encoded(rgb(64, 48), "WEBP"),
-        "photos/broken.jpg": b"\xff\xd8\xff\xe0 this is not really a jpeg",
-        "notes.txt": b"not an image, not listed",
-    }
 
 
 @pytest.fixture

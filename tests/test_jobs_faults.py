@@ -5,55 +5,20 @@ can read. Real processes only: redis-server, moto's S3 server, ``clipmask`` subp
 
 from __future__ import annotations
 
-import io
 import json
-import re
 import signal
 import subprocess
 import time
 import uuid
-from pathlib import Path
 
 import boto3
-import numpy as np
 import pytest
 import redis
-from PIL import Image
 
-from tests.processes import CLIPMASK, REPO, clipmask, job_status, kill_mid_task, wait_for
+from tests.images import images_in, png
+from tests.processes import (CLIPMASK, FAST_HEALING, REPO, assert_each_input_once, clipmask, job_status,
+                             kill_mid_task, manifest_rows, named_job, submit, wait_for)
 from tests.services import FaultyProxy, RedisServer
-
-#: Healing settings that fit a test: redelivery and healing after 20 s without progress.
-FAST_HEALING = {"CLIPMASK_VISIBILITY_TIMEOUT": "20", "CLIPMASK_TASK_TIME_LIMIT": "15",
-                "CLIPMASK_HEAL_INTERVAL": "3", "CLIPMASK_RESTORE_INTERVAL": "1", "CLIPMASK_RESTORE_THROTTLE": "1"}
-
-
-def png(seed: int, size=(24, 16)) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def images_in(folder: Path, count: int) -> list[str]:
-    keys = [f"set{i % 3}/img{i:04d}.png" for i in range(count)]
-    for i, key in enumerate(keys):
-        (folder / key).parent.mkdir(parents=True, exist_ok=True)
-        (folder / key).write_bytes(png(i))
-    return keys
-
-
-def named_job(submit_proc: subprocess.Popen) -> str:
-    """The job id that ``clipmask submit`` prints on stderr before it lists anything."""
-    for line in submit_proc.stderr:
-        if match := re.search(r"job (\w+): planning", line):
-            return match.group(1)
-    raise AssertionError("submit never named its job")
-
-
-def manifest_rows(out: Path, job_id: str) -> list[dict]:
-    return [json.loads(line) for line in (out / "_jobs" / job_id / "manifest.jsonl").read_text().splitlines()]
-
 
 @pytest.fixture
 def env_of(tiny_model, s3_env):
@@ -66,23 +31,11 @@ def env_of(tiny_model, s3_env):
     return make
 
 
-def submit(src, out, env: dict, *extra: str) -> str:
-    result = clipmask("submit", str(src), "--out", str(out), "--prompt", "a cat", *extra, env=env)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip().splitlines()[-1]
-
-
 def redis_contents(client: redis.Redis) -> list[str]:
     """Every key and value of one Redis database, as text (task messages, job records, results)."""
     read = {"string": client.get, "list": lambda k: client.lrange(k, 0, -1), "hash": client.hgetall,
             "set": client.smembers, "zset": lambda k: client.zrange(k, 0, -1)}
     return [f"{key!r} {read.get(client.type(key).decode(), lambda k: b'')(key)!r}" for key in client.keys("*")]
-
-
-def assert_each_input_once(rows: list[dict], expected_sources: set[str]) -> None:
-    sources = [row["source"] for row in rows]
-    assert len(sources) == len(set(sources)), "a manifest row is duplicated"
-    assert set(sources) == expected_sources
 
 
 def test_an_interrupted_submit_is_completed_by_resume(tmp_path, redis_url, env_of, workers):

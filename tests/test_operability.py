@@ -5,28 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.error
 import urllib.request
 import uuid
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.metrics import scrape, total
 from tests.processes import clipmask, wait_for
 from tests.services import free_port
-from tests.test_cli_run import image_dir  # noqa: F401 - the sample inputs in a folder, as a fixture
-
-
-def scrape(port: int) -> dict[tuple, float]:
-    """Every sample on the metrics page, by (name, sorted labels)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
-
-
-def total(samples: dict, name: str, **labels) -> float:
-    return sum(value for (sample, sample_labels), value in samples.items()
-               if sample == name and all(dict(sample_labels).get(k) == v for k, v in labels.items()))
 
 
 @pytest.fixture
@@ -37,7 +24,7 @@ def metrics_env(redis_url, tiny_model):
             "CLIPMASK_METRICS_PORT": str(free_port())}
 
 
-def test_worker_metrics_match_the_manifest(image_dir, tmp_path, metrics_env, workers):  # noqa: F811
+def test_worker_metrics_match_the_manifest(image_dir, tmp_path, metrics_env, workers):
     port = int(metrics_env["CLIPMASK_METRICS_PORT"])
     worker = workers(metrics_env)
     out = tmp_path / "out"
@@ -66,7 +53,7 @@ def test_worker_metrics_match_the_manifest(image_dir, tmp_path, metrics_env, wor
     assert total(samples, "clipmask_job_images", job_id=waiting_id) == 0
 
 
-def test_flower_shows_the_chunks_with_their_counts(image_dir, tmp_path, metrics_env, workers):  # noqa: F811
+def test_flower_shows_the_chunks_with_their_counts(image_dir, tmp_path, metrics_env, workers):
     import base64
     import subprocess
     import sys

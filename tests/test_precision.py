@@ -19,7 +19,7 @@ from PIL import Image
 from torch.ao.nn.quantized import dynamic as quantized_dynamic
 
 from tests.processes import clipmask
-from tests.test_engine import SIZES, noise_image
+from tests.images import SIZES, noise_image
 from worker.devices import resolve_dtype, resolve_precision
 from worker.engine import MaskEngine
 from worker.errors import DeviceError
