@@ -45,6 +45,18 @@ worker_prefetch_multiplier = 1
 # would lose it, as Celery can neither record nor re-queue anything while the broker is away.
 # Whatever message is lost that way is sent again by the jobs' healing check (tasks/healing.py).
 worker_cancel_long_running_tasks_on_connection_loss = False
+# No prefetch reduction after a reconnect. Celery would then raise the prefetch count again one
+# step per acknowledged task, with a synchronous basic.qos sent from the thread that acknowledges:
+# under the threads pool a task thread, reading the consumer's AMQP connection at the same time as
+# the consumer's own loop (py-amqp is not thread-safe). Replies reach the wrong reader, and every
+# reader blocks: the worker takes no task and sends no heartbeat until RabbitMQ drops it (about
+# 3 minutes; seen in 2 of 5 broker restarts). Without the reduction a reconnected worker takes a
+# full window of messages at once while its last tasks finish: they wait for a free thread.
+worker_enable_prefetch_count_reduction = False
+# Sending a task rides out a broker restart of about a minute: a finished chunk queues the job's
+# next chunks (or its finishing step) once the broker is back, instead of leaving them to the
+# healing check a visibility timeout later (Celery's default gives up after about a second).
+task_publish_retry_policy = {"max_retries": 40, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2}
 # A worker whose broker is away keeps trying to reconnect, for as long as it takes.
 broker_connection_retry_on_startup = True
 broker_connection_max_retries = None

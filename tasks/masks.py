@@ -15,6 +15,7 @@ from functools import lru_cache
 import redis
 from celery import signals
 from celery.utils.log import get_task_logger
+from kombu.exceptions import OperationalError
 
 from storage import open_store
 from worker import lifecycle
@@ -82,10 +83,8 @@ def mask_chunk(self, job_id: str, chunk: int, dest: str, size: int) -> dict:
     try:
         counts = _counts_of_chunk(self, jobs, files, chunk, size, context)
         code, claims = jobs.record_chunk(job_id, chunk, counts)
-        send_claims(job_id, dest, claims)  # the job's next chunks, as this one leaves the window
-        if code == 2:
-            send_finish(job_id, dest)
-        elif code == -1:
+        _send_next(job_id, dest, claims, code == 2, context)
+        if code == -1:
             log.warning("[%s] Redis does not know the job; its results are in storage: rebuild its "
                         "records with: clipmask resume %s --out %s", context, job_id, dest)
     except RETRY_ON as err:
@@ -94,6 +93,19 @@ def mask_chunk(self, job_id: str, chunk: int, dest: str, size: int) -> dict:
         raise self.retry(exc=err, countdown=_retry_delay(self.request.retries))
     (log.warning if counts.get("failed") else log.info)("[%s] chunk done: %s", context, counts)
     return counts
+
+
+def _send_next(job_id: str, dest: str, claims: list[tuple[int, int]], finish: bool, context: str) -> None:
+    """Queue the job's next chunks (as this one leaves the window) or its finishing step. With the
+    broker away this chunk still counts: what was not sent is sent again by the healing check."""
+    try:
+        send_claims(job_id, dest, claims)
+        if finish:
+            send_finish(job_id, dest)
+    except OperationalError as err:
+        log.warning("[%s] could not queue %s (broker away: %s); the healing check sends %s again",
+                    context, "the finishing step" if finish else f"{len(claims)} next chunk(s)", err,
+                    "it" if finish else "them")
 
 
 def _counts_of_chunk(task, jobs: JobIndex, files: JobFiles, chunk: int, size: int, context: str) -> dict:

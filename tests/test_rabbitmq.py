@@ -6,16 +6,19 @@ redis-server, ``clipmask`` subprocesses.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
 import redis
 
-from tests.processes import REPO, clipmask, kill_mid_task, wait_for
+from tests.images import images_in
+from tests.processes import (FAST_HEALING, REPO, assert_each_input_once, clipmask, kill_mid_task, manifest_rows,
+                             submit, wait_for)
 from tests.services import RabbitServer
-from tests.test_jobs_faults import assert_each_input_once, images_in, manifest_rows, submit
 
 #: Redis databases of this module's own: the other tests' workers, whose healing checks look at
 #: every active job of their database, never see these jobs (nor these workers theirs).
@@ -126,3 +129,24 @@ def test_the_healing_check_counts_the_messages_waiting_in_rabbitmq(tmp_path, env
     assert queued(env) == 0
     assert python(heal, env) == repr([job_id])
     assert queued(env) == 5
+
+
+def test_a_job_finishes_after_rabbitmq_is_killed_and_restarted(tmp_path, rabbit, env, workers):
+    src, out = tmp_path / "in", tmp_path / "out"
+    keys = images_in(src, 40)
+    env = {**env, **FAST_HEALING}
+    # Given two workers in the middle of a job
+    running = [workers(env), workers(env)]
+    job_id = submit(src, out, env, "--chunk-size", "2")
+    wait_for(job_id, env, done=10, worker=running[0])
+    # When rabbitmq-server is killed (SIGKILL) and started again on the same data
+    rabbit.stop(signal.SIGKILL)
+    time.sleep(3)
+    rabbit.start()
+    # Then the job finishes without waiting for a heartbeat timeout (about 3 minutes) or the
+    # healing check: nothing lost, nothing counted or listed twice
+    status = wait_for(job_id, env, worker=running[0], timeout=100)
+    logs = "\n".join(worker.log() for worker in running)
+    assert (status["state"], status["succeeded"], status["total"]) == ("finished", 40, 40), logs
+    assert_each_input_once(manifest_rows(out, job_id), {str(src / key) for key in keys})
+    assert "Temporarily reducing the prefetch count" not in logs
