@@ -60,7 +60,7 @@ def resume(args: argparse.Namespace, _extra: list[str]) -> int:
 
 
 def status(args: argparse.Namespace, _extra: list[str]) -> int:
-    from .jobs import JobIndex
+    from .jobs import JobIndex, waiting_note
 
     jobs = JobIndex.from_env()
     if args.watch:
@@ -72,6 +72,8 @@ def status(args: argparse.Namespace, _extra: list[str]) -> int:
         print(f"job {report['job_id']}: {report['state']}, {report['done']}/{report['total']} done "
               f"({report['succeeded']} succeeded, {report['failed']} failed, {report['skipped']} skipped)"
               f"{_planning_note(report)}")
+        if waiting_note(report):
+            print(("stuck: " if report["stuck"] else "") + waiting_note(report))
         if report["manifest"]:
             print(f"manifest: {report['manifest']}")
     return 0

@@ -6,9 +6,14 @@ a lock in Redis lets one worker per interval do it. A job is healed when none of
 finished for a visibility timeout (``CLIPMASK_VISIBILITY_TIMEOUT``, longer than any task) and
 clipmask's queue is empty: then every queued chunk without a result is sent again (a duplicate of
 a chunk that was not lost returns at once), the window is filled again, or, if the job is
-complete, the finishing step is sent. A job whose planning was interrupted is healed as far as it
-was planned; ``clipmask resume`` plans the rest. Workers heal only the jobs of their own queue
-(``CLIPMASK_QUEUE``), and messages go to the job's queue.
+complete, the finishing step is sent (that one whatever the queue holds). A job whose planning
+was interrupted is healed as far as it was planned; ``clipmask resume`` plans the rest. Workers
+heal only the jobs of their own queue (``CLIPMASK_QUEUE``), and messages go to the job's queue.
+
+Healing escalates: each heal without progress in between is counted in the job's index; from
+``STUCK_AFTER_HEALS`` on, the job is logged as an error with what it waits for, counted in the
+``clipmask_jobs_stuck`` metric, and ``clipmask status`` says "no progress for 6 min; chunk 17
+sent again 5 times".
 """
 
 from __future__ import annotations
@@ -20,17 +25,14 @@ from typing import Callable
 
 from celery import bootsteps
 
+from worker.celery_app import visibility_timeout
 from worker.config import env_int
 
-from .jobs import JobIndex
+from .jobs import JobIndex, healing_state, is_complete, waiting_note
 from .planning import requeue_missing
-from .queue import app, default_queue, queued_messages
+from .queue import default_queue, queued_messages
 
 log = logging.getLogger(__name__)
-
-
-def visibility_timeout() -> int:
-    return int(app.conf.broker_transport_options.get("visibility_timeout", 3600))
 
 
 def heal_interval() -> int:
@@ -52,14 +54,25 @@ def heal_jobs(jobs: JobIndex, quiet_s: float, queued: Callable[[], int] = queued
         last = max(float(data.get(name) or 0) for name in ("created_ts", "last_progress", "healed_at"))
         if time.time() - last < quiet_s:
             continue
-        waiting = queued() if waiting is None else waiting
-        if waiting:
-            continue  # lost chunks are sent again once the queue has drained
+        if not is_complete(data):  # a lost finishing step is sent again whatever the queue holds
+            waiting = queued() if waiting is None else waiting
+            if waiting:
+                continue  # lost chunks are sent again once the queue has drained
         sent = requeue_missing(jobs, job_id, data)
-        log.warning("job %s: no chunk finished for %.0fs; sent %d chunk(s) again%s", job_id, quiet_s, sent,
-                    "" if sent else " (none missing: finishing it)")
+        report = healing_state(jobs.get(job_id) or data)
+        if report["stuck"]:
+            log.error("job %s is stuck: %s; waiting for %s", job_id, waiting_note(report), _waiting_for(data, sent))
+        else:
+            log.warning("job %s: %s", job_id, waiting_note(report))
         healed.append(job_id)
     return healed
+
+
+def _waiting_for(data: dict, sent: list[int]) -> str:
+    if not sent:
+        return "the finishing step to write the manifest (every chunk has its results)"
+    return (f"{len(sent)} chunk(s) of {data.get('chunks')} to report their results: is a worker consuming queue "
+            f"{data.get('queue', default_queue())!r}? (clipmask_watchdog_exits_total, the workers' logs)")
 
 
 class HealingStep(bootsteps.StartStopStep):

@@ -8,7 +8,9 @@ small whatever the job's size, so that it can be lost and rebuilt (``clipmask re
                                ``jobscripts``), planned (0/1), cancelled (0/1), planner (host:pid)
                                and planner_beat while planning, succeeded / failed / skipped /
                                chunks_done, created_ts, planned_at, last_progress, healed_at
-                               (epoch s), then finished_at and manifest
+                               (epoch s), heals (chunks sent again since the last progress, how
+                               many times) and resent (the first of those chunks, JSON), then
+                               finished_at and manifest
 - ``clipmask:job:{id}:done``   bitmap, one bit per chunk: set once, when its results are in storage
 - ``clipmask:jobs:active``     set of the ids of jobs without a manifest, for the healing check
 
@@ -43,6 +45,11 @@ PLANNER_STALE_S = 60
 #: Chunks of one job queued or running at once, unless ``CLIPMASK_JOB_WINDOW`` says otherwise:
 #: enough to keep a few hundred GPUs busy, few enough that the broker holds about a megabyte.
 DEFAULT_WINDOW = 1000
+#: A job sent its missing chunks this many times without progress is stuck: logged as an error,
+#: counted in ``clipmask_jobs_stuck``, shown by ``clipmask status``.
+STUCK_AFTER_HEALS = 3
+#: Chunk numbers a heal records for ``clipmask status`` (the first ones sent again).
+RESENT_SHOWN = 5
 PREFIX = "clipmask:job:"
 ACTIVE = "clipmask:jobs:active"
 
@@ -184,8 +191,14 @@ class JobIndex:
         data = self.info(job_id)
         return data, self._run("CANCEL", job_id) == 1
 
-    def set_healed(self, job_id: str) -> None:
-        self.redis.hset(self._key(job_id), "healed_at", time.time())
+    def note_healed(self, job_id: str, chunks: list[int]) -> None:
+        """Record that ``chunks`` (none: the finishing step) were sent again, once more since the
+        job's last progress."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._key(job_id), mapping={"healed_at": time.time(),
+                                                  "resent": json.dumps(chunks[:RESENT_SHOWN])})
+            pipe.hincrby(self._key(job_id), "heals", 1)
+            pipe.execute()
 
     def status(self, job_id: str) -> dict:
         """``job_id``, ``state``, ``total``, the per-status counts and planning state (DESIGN.md)."""
@@ -230,15 +243,53 @@ def job_status(job_id: str, data: dict) -> dict:
     done = sum(counts.values())
     planned = data.get("planned") == "1"
     return {
-        "job_id": job_id, "state": _state(data, planned), "total": int(data.get("total", 0)), **counts,
+        "job_id": job_id, "state": _state(data), "total": int(data.get("total", 0)), **counts,
         "done": done, "chunks": int(data.get("chunks", 0)), "chunks_done": int(data.get("chunks_done", 0)),
         "chunks_queued": int(data.get("sent", 0)) - int(data.get("chunks_done", 0)),
         "planned": planned, "planning_interrupted": planning_interrupted(data),
         "source": data.get("source"), "dest": data.get("dest"),
         "spec": json.loads(data["spec"]) if data.get("spec") else None,
         "created_at": data.get("created_at"), "finished_at": data.get("finished_at"),
-        "manifest": data.get("manifest"),
+        "manifest": data.get("manifest"), **healing_state(data),
     }
+
+
+def is_complete(data: dict) -> bool:
+    """Every chunk that will run has its results (as the Lua scripts' ``complete``): only the
+    finishing step, which writes the manifest, is left."""
+    if data.get("planned") != "1":
+        return False
+    done = int(data.get("chunks_done", 0))
+    return done >= int(data.get("chunks", 0)) or (data.get("cancelled") == "1" and done >= int(data.get("sent", 0)))
+
+
+def waiting_note(state: dict) -> str:
+    """What a job without progress waits for, from ``healing_state``: "no progress for 6 min;
+    chunk 17 sent again 5 times" (empty while it has been sent nothing again)."""
+    if not state["heals"]:
+        return ""
+    resent = state["resent"]
+    what = (f"chunk{'s' if len(resent) > 1 else ''} {', '.join(map(str, resent))}"
+            f"{' and more' if len(resent) == RESENT_SHOWN else ''}" if resent else "its finishing step")
+    times = "once" if state["heals"] == 1 else f"{state['heals']} times"
+    return f"no progress for {_duration(state['quiet_s'])}; {what} sent again {times}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def healing_state(data: dict) -> dict:
+    """How long the job has gone without progress and what was sent again meanwhile:
+    ``quiet_s`` (seconds since a chunk last finished, or since the job was created), ``heals``,
+    ``resent`` (the first chunks sent again; empty: the finishing step) and ``stuck``."""
+    heals = int(data.get("heals") or 0)
+    since = max(float(data.get(name) or 0) for name in ("created_ts", "last_progress"))
+    quiet = round(time.time() - since, 1) if since and not data.get("manifest") else 0.0
+    return {"quiet_s": quiet, "heals": heals, "resent": json.loads(data.get("resent") or "[]"),
+            "stuck": heals >= STUCK_AFTER_HEALS}
 
 
 def planning_interrupted(data: dict) -> bool:
@@ -264,9 +315,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _state(data: dict, planned: bool) -> str:
+def _state(data: dict) -> str:
     if data.get("cancelled") == "1":
         return "cancelled"
-    if planned and int(data.get("chunks_done", 0)) >= int(data.get("chunks", 0)):
+    if is_complete(data):
         return "finished"
     return "running" if int(data.get("chunks_done", 0)) else "queued"

@@ -42,7 +42,7 @@ return claims(h, {0})
 """
 
 #: KEYS: job hash, done bitmap. ARGV: chunk, succeeded, failed, skipped, now. Marks the chunk
-#: done and adds its counts, once. Returns {code, claims...}: code -1 for an unknown job, 0 if
+#: done and adds its counts, once; progress resets the count of heals without progress. Returns {code, claims...}: code -1 for an unknown job, 0 if
 #: the chunk was already done, 2 if this completed the job (finish it), else 1.
 RECORD_CHUNK = _COMMON + """
 local h = KEYS[1]
@@ -52,7 +52,7 @@ redis.call('HINCRBY', h, 'succeeded', ARGV[2])
 redis.call('HINCRBY', h, 'failed', ARGV[3])
 redis.call('HINCRBY', h, 'skipped', ARGV[4])
 redis.call('HINCRBY', h, 'chunks_done', 1)
-redis.call('HSET', h, 'last_progress', ARGV[5])
+redis.call('HSET', h, 'last_progress', ARGV[5], 'heals', 0)
 if complete(h) then return {2} end
 return claims(h, {1})
 """

@@ -138,18 +138,19 @@ def send_claims(job_id: str, dest: str, claims: list[tuple[int, int]], prod=None
         send_chunk(job_id, chunk, dest, size, prod, queue)
 
 
-def requeue_missing(jobs: JobIndex, job_id: str, data: dict) -> int:
+def requeue_missing(jobs: JobIndex, job_id: str, data: dict) -> list[int]:
     """Send again every queued chunk without a result, then what fits the window (the chain of
     claims may have broken with a lost message), or the finishing step if the job is complete;
-    returns the number of chunks sent. Duplicates are harmless: a done chunk returns at once."""
+    returns the chunks sent. Duplicates are harmless: a done chunk returns at once."""
     missing = [(n, chunk_size_of(data, n)) for n in jobs.missing_chunks(job_id, int(data.get("sent", 0)))]
     claims = missing + jobs.feed(job_id)
     with producer() as prod:
         send_claims(job_id, data["dest"], claims, prod, data.get("queue"))
     if not claims and data.get("planned") == "1":
         send_finish(job_id, data["dest"], data.get("queue"))
-    jobs.set_healed(job_id)
-    return len(claims)
+    sent = [chunk for chunk, _ in claims]
+    jobs.note_healed(job_id, sent)
+    return sent
 
 
 def chunk_size_of(data: dict, chunk: int) -> int:
@@ -180,7 +181,7 @@ def resume_job(job_id: str, dest_url: str | None = None, jobs: JobIndex | None =
     if data.get("planned") != "1":
         planned = _continue_plan(jobs, files, record, data, on_chunk)
         data = jobs.info(job_id)
-    return {"planned": planned, "requeued": requeue_missing(jobs, job_id, data)}
+    return {"planned": planned, "requeued": len(requeue_missing(jobs, job_id, data))}
 
 
 def _rebuild(jobs: JobIndex, files: JobFiles, record: dict) -> dict:

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from typing import Iterator
 from urllib.parse import urlparse
 
-from worker.celery_app import app
+from worker.celery_app import app, ready_messages
 
 MASK_CHUNK = "clipmask.mask_chunk"
 FINISH_JOB = "clipmask.finish_job"
@@ -61,9 +61,4 @@ def send_finish(job_id: str, dest: str, queue: str | None = None) -> None:
 
 def queued_messages() -> int:
     """Messages waiting in clipmask's queue (0 when the queue does not exist yet)."""
-    queue = default_queue()
-    with app.connection_for_write() as conn:
-        try:
-            return conn.default_channel.queue_declare(queue=queue, passive=True).message_count
-        except conn.channel_errors:
-            return 0
+    return ready_messages(default_queue())
