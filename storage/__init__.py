@@ -5,6 +5,8 @@
 >>> store.read_bytes("a/b.jpg")
 >>> store.write_stream("big.jsonl", lines)       # an iterable of bytes, flat memory
 >>> for key in store.list("a/", start_after="a/b.jpg"): ...
+>>> for line in store.read_lines("manifest.jsonl"): ...
+>>> URLReader().read("s3://bucket/other/prefix/c.png")   # an object by its full URL
 
 Errors are Python's own: FileNotFoundError, PermissionError, ConnectionError
 (transient, see :func:`is_transient`), ValueError for bad keys or URLs, and
@@ -15,17 +17,18 @@ imports torch or celery.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 from storage.base import ObjectStore
 from storage.errors import StorageError, is_transient
 from storage.local import LocalStore
 from storage.s3 import S3Store
-from storage.urls import StoreURL, parse_url
+from storage.urls import StoreURL, parse_url, split_object_url
 
 __all__ = [
-    "LocalStore", "ObjectStore", "S3Store", "StorageError", "StoreURL",
-    "is_transient", "open_store", "parse_url",
+    "LocalStore", "ObjectStore", "S3Store", "StorageError", "StoreURL", "URLReader",
+    "is_transient", "open_store", "parse_url", "split_object_url",
 ]
 
 
@@ -42,3 +45,21 @@ def open_store(url: str | os.PathLike[str], **options: Any) -> ObjectStore:
     if parsed.scheme == "s3":
         return S3Store(parsed.bucket, parsed.prefix, **options)
     return LocalStore(parsed.prefix, **options)
+
+
+class URLReader:
+    """Reads objects by their full URL (``s3://bucket/key`` or a local path), opening one store
+    per parent folder and reusing it; safe to share between threads."""
+
+    def __init__(self) -> None:
+        self._stores: dict[str, ObjectStore] = {}
+        self._lock = threading.Lock()
+
+    def read(self, url: str) -> bytes:
+        """The bytes at ``url``; raises as ``ObjectStore.read_bytes`` and ``split_object_url`` do."""
+        root, key = split_object_url(url)
+        with self._lock:
+            store = self._stores.get(root)
+            if store is None:
+                store = self._stores[root] = open_store(root)
+        return store.read_bytes(key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import io
 from collections.abc import Iterable, Iterator
 
 __all__ = [
@@ -117,6 +118,19 @@ class ObjectStore(abc.ABC):
     @abc.abstractmethod
     def url_for(self, key: str) -> str:
         """Return the full URL (or absolute path) of ``key``."""
+
+    def check_root(self) -> None:
+        """Raise ``FileNotFoundError`` (``NotADirectoryError`` for a file) when the root is known not
+        to be a place of objects. Nothing here: an S3 prefix exists once it holds a key."""
+
+    def discard_root(self) -> None:
+        """Remove the root if it is an empty folder (a probe's leftover); nothing on S3."""
+
+    def read_lines(self, key: str) -> Iterator[bytes]:
+        """Yield the lines of ``key`` (each with its b"\\n", the last one may lack it), raising
+        as ``read_bytes`` does. Here from one ``read_bytes``: its bytes are held, never a list of
+        lines; a backend that can stream does (``LocalStore`` reads the file as it goes)."""
+        yield from io.BytesIO(self.read_bytes(key))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"

@@ -1,4 +1,4 @@
-"""Where clipmask's outputs live, relative to the output root (DESIGN.md, "Outputs").
+"""Where clipmask's outputs live, relative to the output root (docs/design.md, "Outputs").
 
 For an input at relative path ``R`` (original name kept): ``R.mask.png``, ``R.raw.png`` and
 ``R.json``; job records under ``_jobs/<job_id>/``. Pure string functions: deterministic keys are

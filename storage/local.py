@@ -34,7 +34,12 @@ from collections.abc import Iterable, Iterator
 from typing import IO
 
 from storage.base import (
-    ObjectStore, check_chunks, check_data, check_key, check_prefix, check_start_after,
+    ObjectStore,
+    check_chunks,
+    check_data,
+    check_key,
+    check_prefix,
+    check_start_after,
 )
 
 __all__ = ["SPILL_NAMES", "LocalStore"]
@@ -108,12 +113,45 @@ class LocalStore(ObjectStore):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         return _write_atomic(path, chunks)
 
-    def delete(self, key: str) -> None:
-        """Remove the file ``key`` if it exists; PermissionError, IsADirectoryError from the filesystem."""
+    def check_root(self) -> None:
+        """Raise ``NotADirectoryError`` if the root is a file, ``FileNotFoundError`` if it is missing."""
+        if os.path.isfile(self._root):
+            raise NotADirectoryError(f"{self._root} is a file, not a folder")
+        if not os.path.isdir(self._root):
+            raise FileNotFoundError(f"{self._root} does not exist")
+
+    def discard_root(self) -> None:
+        """Remove the root folder if it is empty; a folder with anything in it stays."""
         try:
-            os.unlink(self.url_for(key))
-        except FileNotFoundError:
+            os.rmdir(self._root)
+        except OSError:
             pass
+
+    def read_lines(self, key: str) -> Iterator[bytes]:
+        """Yield the file's lines as it is read (flat memory); raises as ``read_bytes`` does."""
+        path = self.url_for(key)
+        try:
+            handle = open(path, "rb")
+        except NotADirectoryError as err:
+            raise FileNotFoundError(err.errno, "No such file (a parent is not a directory)", path) from err
+        with handle:
+            yield from handle
+
+    def delete(self, key: str) -> None:
+        """Remove the file ``key`` if it exists, then the folders it leaves empty below the root
+        (S3 has no empty folders either); PermissionError, IsADirectoryError from the filesystem."""
+        path = self.url_for(key)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        folder = os.path.dirname(path)
+        while folder != self._root and folder.startswith(self._root):
+            try:
+                os.rmdir(folder)
+            except OSError:  # not empty (or not ours to remove): stop there
+                return
+            folder = os.path.dirname(folder)
 
     def exists(self, key: str) -> bool:
         """Return True if ``key`` is an existing file; ValueError for a bad key."""

@@ -16,7 +16,7 @@ from urllib.parse import unquote
 
 from storage.base import check_key
 
-__all__ = ["StoreURL", "parse_url"]
+__all__ = ["StoreURL", "parse_url", "split_object_url"]
 
 SUPPORTED_FORMS = "s3://bucket/prefix or a local path (absolute, relative or file:///abs/path)"
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -87,3 +87,20 @@ def _file_url_path(url: str, rest: str) -> str:
     if not slash:
         raise ValueError(f"file URL {url!r} has no path; expected file:///abs/path")
     return unquote(slash + path)
+
+
+def split_object_url(url: str | os.PathLike[str]) -> tuple[str, str]:
+    """``(store root URL, key)`` of one object's URL: ``s3://bucket/a/b.jpg`` gives
+    ``("s3://bucket/a", "b.jpg")``, a local path or file URL its folder and file name.
+
+    Raises ValueError for an empty URL, an S3 URL without a key, or one ending in "/".
+    """
+    url = os.fspath(url)
+    if isinstance(url, str) and url.lower().startswith("s3://"):
+        bucket, _, key = url[len("s3://"):].partition("/")
+        if not bucket or not key or key.endswith("/"):
+            raise ValueError(f"S3 URL {url!r} does not name an object; expected s3://bucket/key")
+        parent, _, name = key.rpartition("/")
+        return f"s3://{bucket}/{parent}", name
+    path = parse_url(url).prefix  # absolute local path (also for file:// URLs)
+    return os.path.dirname(path), os.path.basename(path)

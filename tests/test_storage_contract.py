@@ -21,7 +21,15 @@ from botocore.exceptions import ClientError, EndpointConnectionError, ResponseSt
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
 from storage import (
-    ObjectStore, StorageError, StoreURL, is_transient, open_store, parse_url,
+    LocalStore,
+    ObjectStore,
+    StorageError,
+    StoreURL,
+    URLReader,
+    is_transient,
+    open_store,
+    parse_url,
+    split_object_url,
 )
 from storage.errors import translate_s3_error
 from storage.s3 import MIN_PART_SIZE
@@ -129,6 +137,40 @@ def test_delete_removes_an_object_and_forgives_a_missing_one(store):
 # --- listing ---------------------------------------------------------------
 
 KEYS = ["a-b", "a/c", "a/d/e", "a0", "b/x.jpg", "b/y.jpg", "ba/z.jpg", "z"]
+
+
+def test_lines_read_back_as_written(store):
+    store.write_bytes("m/rows.jsonl", b'{"a": 1}\n{"b": 2}\nlast without newline')
+    assert list(store.read_lines("m/rows.jsonl")) == [b'{"a": 1}\n', b'{"b": 2}\n', b"last without newline"]
+    with pytest.raises(FileNotFoundError):
+        list(store.read_lines("m/missing.jsonl"))
+
+
+def test_deleting_the_last_object_under_a_prefix_leaves_no_empty_folder(store, tmp_path):
+    store.write_bytes("keep.txt", b"x")
+    store.write_bytes("deep/er/probe", b"")
+    store.delete("deep/er/probe")
+    assert list(store.list()) == ["keep.txt"]
+    if isinstance(store, LocalStore):  # the same as S3, where a prefix without keys does not exist
+        assert sorted(os.listdir(store.url)) == ["keep.txt"]
+
+
+def test_an_object_url_splits_into_its_store_and_key(store):
+    store.write_bytes("a/b.png", b"image")
+    assert URLReader().read(store.url_for("a/b.png")) == b"image"
+    root, key = split_object_url(store.url_for("a/b.png"))
+    assert key == "b.png" and open_store(root).read_bytes(key) == b"image"
+    with pytest.raises(ValueError, match="does not name an object"):
+        split_object_url("s3://bucket/folder/")
+
+
+def test_a_local_root_that_is_missing_or_a_file_is_named(tmp_path):
+    LocalStore(str(tmp_path)).check_root()
+    with pytest.raises(FileNotFoundError):
+        LocalStore(str(tmp_path / "missing")).check_root()
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(NotADirectoryError):
+        LocalStore(str(tmp_path / "file")).check_root()
 
 
 @pytest.fixture
