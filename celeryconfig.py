@@ -5,19 +5,9 @@ Celery's own lowercase settings; the environment variables are Celery's (``CELER
 clipmask's own knobs, ``CLIPMASK_*``.
 """
 
-import json
 import os
 
-from worker.config import env_int
-
-
-def _env_json(name: str, default):
-    raw = os.environ.get(name, "")
-    try:
-        return json.loads(raw) if raw else default
-    except ValueError as err:
-        raise ValueError(f"{name} must be JSON ({err}), got {raw!r}") from None
-
+from tasks import settings as _settings
 
 #: Where tasks are queued. Redis db 0 by default.
 broker_url = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
@@ -32,7 +22,7 @@ result_accept_content = ["json"]
 
 #: Hard limit for one task (a chunk of images), in seconds. The soft limit comes a tenth earlier
 #: (at most a minute): the task then records its unfinished images as failed instead of vanishing.
-task_time_limit = env_int("CLIPMASK_TASK_TIME_LIMIT", 3600)
+task_time_limit = _settings.TASK_TIME_LIMIT.get()
 task_soft_time_limit = max(1, task_time_limit - min(60, task_time_limit // 10))
 
 # At-least-once delivery: a task is acknowledged after it ran, so a killed worker's chunk goes
@@ -43,7 +33,7 @@ worker_prefetch_multiplier = 1
 # When the broker connection drops, a running chunk carries on: its results reach storage, and
 # its count reaches Redis once Redis is back (the job index retries). Cancelling it instead
 # would lose it, as Celery can neither record nor re-queue anything while the broker is away.
-# Whatever message is lost that way is sent again by the jobs' healing check (tasks/healing.py).
+# Whatever message is lost that way is sent again by the jobs' healing check (tasks/jobs/healing.py).
 worker_cancel_long_running_tasks_on_connection_loss = False
 # No prefetch reduction after a reconnect. Celery would then raise the prefetch count again one
 # step per acknowledged task, with a synchronous basic.qos sent from the thread that acknowledges:
@@ -66,20 +56,20 @@ worker_send_task_events = True
 #: Seconds before Redis redelivers an unacknowledged task. Must exceed the longest task, or a
 #: slow chunk would be run twice in parallel.
 broker_transport_options = {
-    "visibility_timeout": env_int("CLIPMASK_VISIBILITY_TIMEOUT", 2 * task_time_limit),
+    "visibility_timeout": _settings.VISIBILITY_TIMEOUT.get(),
     # How often a worker looks for tasks whose worker died (unacknowledged past the timeout):
     # every interval * throttle seconds. Kombu's defaults, adjustable for small timeouts.
-    "unacked_restore_interval": env_int("CLIPMASK_RESTORE_INTERVAL", 10),
-    "unacked_restore_throttle": env_int("CLIPMASK_RESTORE_THROTTLE", 10),
+    "unacked_restore_interval": _settings.RESTORE_INTERVAL.get(),
+    "unacked_restore_throttle": _settings.RESTORE_THROTTLE.get(),
 }
 result_backend_transport_options = {"retry_policy": {"timeout": 5.0}}
 
 #: Results are small and only needed by whoever waits for them (``mask_image``, scans): gone
 #: after a day. Chunks and the finishing step store none: they report through the job's files.
-result_expires = env_int("CLIPMASK_RESULT_EXPIRES", 24 * 3600)
+result_expires = _settings.RESULT_EXPIRES.get()
 task_track_started = True
 
-task_default_queue = os.environ.get("CLIPMASK_QUEUE", "clipmask")
+task_default_queue = _settings.QUEUE.get()
 
 #: Scheduled batches for ``celery beat``: a JSON list of
 #: ``{"source": URL, "dest": URL, "prompt": "a|b", "negative": "c", "every_s": 3600}``.
@@ -90,5 +80,5 @@ beat_schedule = {
         "schedule": float(entry.get("every_s", 3600)),
         "kwargs": {k: v for k, v in entry.items() if k != "every_s"},
     }
-    for i, entry in enumerate(_env_json("CLIPMASK_SCHEDULE", []))
+    for i, entry in enumerate(_settings.SCHEDULE.get())
 }

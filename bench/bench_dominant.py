@@ -21,6 +21,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH_DIR.parent), str(BENCH_DIR)]
 
 from bench_host import LOGIT_SIDE, NEGATIVE, PROMPT, standin_logits  # noqa: E402
+
 from worker import dominant, postprocess  # noqa: E402
 from worker.spec import MaskSpec  # noqa: E402
 

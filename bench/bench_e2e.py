@@ -28,7 +28,9 @@ sys.path[:0] = [str(BENCH_DIR.parent), str(BENCH_DIR)]
 
 from bench_engine import ensure_model  # noqa: E402
 from bench_host import NEGATIVE, PROMPT, make_jpeg  # noqa: E402
-from tasks.local import run_local  # noqa: E402
+
+from tasks.jobs.preflight import check_run  # noqa: E402
+from tasks.pipeline.local import run_local  # noqa: E402
 from worker.engine import MaskEngine  # noqa: E402
 from worker.spec import MaskSpec  # noqa: E402
 
@@ -69,7 +71,8 @@ def model_only_rate(engine: MaskEngine, source: Path, spec: MaskSpec) -> dict[st
 
 def end_to_end_rate(engine: MaskEngine, source: Path, dest: Path, spec: MaskSpec) -> float:
     started = time.perf_counter()
-    summary = run_local(str(source), str(dest), spec, lambda: engine, progress=False)
+    stores = check_run(str(source), str(dest))  # what `clipmask run` does before it loads the model
+    summary = run_local(*stores[:2], spec, engine, total=stores[2], progress=False)
     assert summary["succeeded"] == sum(1 for _ in source.iterdir()), summary
     return summary["succeeded"] / (time.perf_counter() - started)
 

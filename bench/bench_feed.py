@@ -34,8 +34,10 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH_DIR.parent), str(BENCH_DIR)]
 
 from bench_host import NEGATIVE, PROMPT, make_jpeg, standin_logits  # noqa: E402
+
 from storage import open_store  # noqa: E402
-from tasks.local import run_local  # noqa: E402
+from tasks.jobs.preflight import check_run  # noqa: E402
+from tasks.pipeline.local import run_local  # noqa: E402
 from worker import postprocess  # noqa: E402
 from worker.engine import MaskEngine  # noqa: E402
 from worker.random_model import build_random_clipseg  # noqa: E402
@@ -79,7 +81,8 @@ def measure(source: str, dest: str, spec: MaskSpec, engine: MaskEngine, gil: boo
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)  # py-spy attached
     cpu, wall = time.process_time(), time.perf_counter()
-    summary = run_local(source, dest, spec, lambda: engine, progress=False)
+    stores = check_run(source, dest)  # what `clipmask run` does before it loads the model
+    summary = run_local(*stores[:2], spec, engine, total=stores[2], progress=False)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     images = summary["succeeded"]
     figures = {"images": images, "rate": images / wall, "cpu_ms": cpu / images * 1e3}

@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
 from bench_host import make_jpeg  # noqa: E402
+
 from worker.engine import MaskEngine  # noqa: E402
 from worker.outputs import encode_masks  # noqa: E402
 from worker.random_model import build_random_clipseg  # noqa: E402
@@ -169,7 +170,7 @@ def end_to_end(engine: MaskEngine, files: list[bytes], args, label: str) -> None
     with ThreadPoolExecutor(args.threads) as pool:
         engine.predict_prepared([engine.load_input(data, SPEC) for data in files[:batch]], SPEC)  # warm-up
         sync(engine.device)
-        def batches():  # as tasks/pipeline.py reads ahead: two batches
+        def batches():  # as tasks/pipeline/stream.py reads ahead: two batches
             loads = deque()
             for data in files:
                 loads.append(pool.submit(engine.load_input, data, SPEC))

@@ -22,7 +22,7 @@ are shared and noisy), old and new interleaved. Printed: images per second per c
 ms, PNG sizes, and how far new is from old (raw mask in grey levels, thresholded mask, and the
 model's 352x352 input in grey levels, which reduced decoding changes).
 
-Then (unless ``--host-only``) the issue's other targets, each from its own script with a real
+Then (unless ``--host-only``) the other speed targets, each from its own script with a real
 (random-weight) model: ``bench_e2e.py`` (``clipmask run`` end to end against model-only) and
 ``bench_worker.py`` (a worker fed chunks of 8 against 256, and 32 concurrent offload requests
 against one at a time).
@@ -58,7 +58,7 @@ from worker.spec import MaskSpec  # noqa: E402
 
 PROMPT, NEGATIVE = "a person|a dog|a car", "background"
 LOGIT_SIDE = 352
-#: Informational: host images per second per core, smooth logits (issue "Feed the device").
+#: Informational: host images per second per core, smooth logits (clipmask's own target).
 TARGETS = {(640, 480): 100.0, (4032, 3024): 6.0}
 
 
@@ -257,7 +257,7 @@ def main() -> None:
             verdict = "PASS" if rate >= TARGETS[size] else "MISS"
             print(f"  {size[0]}x{size[1]} {path:>3}: {rate:6.1f} img/s (target >= {TARGETS[size]:g}) {verdict}")
     if not args.host_only:
-        # The other targets of the issue, each in its own script (real model forward, real worker).
+        # The other speed targets, each in its own script (real model forward, real worker).
         for script in ("bench_e2e.py", "bench_worker.py"):
             print(f"\n--- bench/{script}", flush=True)
             subprocess.run([sys.executable, str(Path(__file__).with_name(script))], check=True)

@@ -11,7 +11,7 @@ N empty ``.jpg`` files (1,000 per sub-folder, made once under ``bench/.cache/``)
 3. The manifest written again in a fresh process (``write_job_manifest``): memory growth.
 4. With ``--chunk-size 8`` as well: submit keys/s (no drain), to show many tasks do not stall.
 
-No image is masked: the figures are the job layer's own. Limits from issue 6 are printed beside
+No image is masked: the figures are the job layer's own. clipmask's own limits are printed beside
 each figure (PASS/MISS, informational).
 
 Usage: .venv/bin/python bench/bench_jobs.py [--sizes 100000 1000000] [--small-chunk 8]
@@ -39,7 +39,7 @@ from tests.services import RedisServer  # noqa: E402 - the same throwaway redis-
 
 CLIPMASK = str(REPO / ".venv" / "bin" / "clipmask")
 PYTHON = str(REPO / ".venv" / "bin" / "python")
-#: (figure, comparison, bound): the limits of issue 6's acceptance table.
+#: (figure, comparison, bound): clipmask's own limits for the job layer.
 LIMITS = {
     "submit_peak_rss_mb": ("<=", 250), "submit_keys_per_s": (">=", 50_000),
     "redis_bytes_per_key_queued": ("<=", 32), "redis_bytes_per_key_finished": ("<=", 16),
@@ -48,8 +48,8 @@ LIMITS = {
 MANIFEST_PROBE = """
 import resource, sys, time
 from storage import open_store
-from tasks.jobfiles import JobFiles
-from tasks.manifest import write_job_manifest
+from tasks.jobs.files import JobFiles
+from tasks.jobs.manifest import write_job_manifest
 dest, job_id, source = sys.argv[1:4]
 files = JobFiles(open_store(dest), job_id)
 chunks = files.read_planned()["chunks"]

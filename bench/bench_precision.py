@@ -44,13 +44,14 @@ sys.path.insert(0, str(BENCH_DIR.parent))
 sys.path.insert(0, str(BENCH_DIR))
 
 from bench_engine import NEGATIVE, PROMPT, ensure_model, make_image  # noqa: E402
+
 from worker.engine import MaskEngine  # noqa: E402
 from worker.model import _quick_gelu_as_silu  # noqa: E402
 from worker.spec import MaskSpec  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "int8")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-#: The issue's target, informational: at least this speed-up with at most this flip fraction.
+#: clipmask's target, informational: at least this speed-up with at most this flip fraction.
 TARGET_SPEEDUP, TARGET_FLIPS = 1.8, 0.005
 
 
@@ -173,7 +174,7 @@ def main() -> int:
     far = figures["fp32"]["far_pixel_fraction"]
     print(f"\nflipped: thresholded (0.5) pixels that differ from fp32, all pixels; flipped far: only pixels "
           f"whose fp32 raw mask is > {args.margin} from 0.5 ({far:.1%} of the pixels here)")
-    print(f"target (issue, informational): >= {TARGET_SPEEDUP}x fp32 per image, <= {TARGET_FLIPS:.1%} pixels flipped")
+    print(f"target (informational): >= {TARGET_SPEEDUP}x fp32 per image, <= {TARGET_FLIPS:.1%} pixels flipped")
     print(f"cpu: {env['cpu']}; capability {env['torch_cpu_capability']}; quantized engine {env['quantized_engine']}")
     print("flags: " + ", ".join(f"{flag} {'yes' if have else 'no'}" for flag, have in env["flags"].items()))
     print(f"torch {env['torch']}, {env['threads']} threads, python {env['python']}; "

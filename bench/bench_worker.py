@@ -1,4 +1,4 @@
-"""One ``clipmask worker`` fed two ways, throughput side by side (issue 8's worker targets).
+"""One ``clipmask worker`` fed two ways, throughput side by side (clipmask's worker targets).
 
 Real parts: its own redis-server on a free port, one ``clipmask worker --device cpu`` (threads
 pool, ``--tasks`` tasks sharing one device loop), a local folder of 640x480 JPEGs (bench_host.py's
@@ -44,6 +44,7 @@ sys.path[:0] = [str(REPO), str(BENCH_DIR)]
 from bench_engine import ensure_model  # noqa: E402
 from bench_host import make_jpeg  # noqa: E402
 from bench_jobs import wait_manifest  # noqa: E402
+
 from tests.services import MotoServer, RedisServer, s3_test_env  # noqa: E402
 
 CLIPMASK = str(REPO / ".venv" / "bin" / "clipmask")
@@ -92,6 +93,7 @@ def model_ceiling(model: Path, precision: str, source: Path, keys: list[str]) ->
     """Images/s of the forward pass alone over ``keys``: one image at a time on every thread, and
     batches of the engine's batch size ``engine.streams`` at a time; and that batch size."""
     from bench_e2e import forward_rate  # here: it imports the Celery app, which main() configures first
+
     from worker.engine import MaskEngine
     from worker.spec import MaskSpec
 
@@ -141,7 +143,7 @@ def main() -> None:
         if args.store == "s3":
             root = stack.enter_context(s3_copy(source, work, env))
         os.environ.update({k: v for k, v in env.items() if k.startswith(("CELERY_", "CLIPMASK_QUEUE", "AWS_"))})
-        from tasks.queue import app
+        from tasks.jobs.queue import app
 
         client = redis.Redis.from_url(server.url)
         with open(work / "worker.log", "wb") as log:

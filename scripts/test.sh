@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: set up .venv, make sure redis-server and rabbitmq-server exist (and chromium,
-# best effort, for the preview page's screenshot test), run the engine tests under the dependency
-# floors (scripts/test-floor.sh, its own .venv-floor), then the whole suite.
+# best effort, for the preview page's screenshot test), check the import contracts, run the engine
+# tests under the dependency floors (scripts/test-floor.sh, its own .venv-floor), then the whole
+# suite.
 # The tests start their own redis-server, RabbitMQ node and S3 (moto) server on free ports; a
 # Redis or RabbitMQ already running on the default ports is left alone. Extra arguments go to pytest.
 set -euo pipefail
@@ -28,6 +29,8 @@ if ! command -v chromium >/dev/null 2>&1; then
   echo "installing chromium (the preview page's screenshot test; skipped without it)" >&2
   apt_install chromium || echo "could not install chromium: the screenshot test will be skipped" >&2
 fi
+# The architecture's import rules (pyproject.toml, [tool.importlinter]): seconds, and first.
+.venv/bin/lint-imports --no-cache
 # The engine tests under the lowest versions pyproject.toml admits (constraints/floor.txt).
 bash scripts/test-floor.sh
 exec .venv/bin/python -m pytest -q "$@"

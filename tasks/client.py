@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 from celery.result import AsyncResult
 
+from tasks.jobs.index import JobIndex
+from tasks.jobs.planning import submit_job
+from tasks.jobs.queue import app
+from tasks.settings import DEFAULT_CHUNK_SIZE
 from worker.spec import MaskSpec
-
-from .jobs import JobIndex
-from .planning import DEFAULT_CHUNK_SIZE, submit_job
-from .queue import app
 
 
 def mask_image(source: str, key: str, dest: str, prompt: str, negative: str | None = None,

@@ -18,19 +18,19 @@ from celery.utils.log import get_task_logger
 from kombu.exceptions import OperationalError
 
 from storage import open_store
-from worker import lifecycle
+from tasks.errors import IncompleteJobError
+from tasks.jobs import healing
+from tasks.jobs.files import JobFiles, count_statuses
+from tasks.jobs.index import JobIndex
+from tasks.jobs.manifest import write_job_manifest, write_summary
+from tasks.jobs.planning import send_claims
+from tasks.jobs.queue import send_finish
+from tasks.pipeline import Outcome, Pipeline
+from tasks.redact import install_log_redaction
+from worker import lifecycle, metrics
 from worker.celery_app import app
 from worker.errors import DeviceError, ModelUnavailableError
 from worker.spec import MaskSpec
-
-from . import healing, metrics
-from .jobfiles import JobFiles, count_statuses
-from .jobs import JobIndex
-from .manifest import IncompleteJobError, write_job_manifest, write_summary
-from .pipeline import Outcome, Pipeline
-from .planning import send_claims
-from .queue import send_finish
-from .redact import install_log_redaction
 
 log = get_task_logger(__name__)
 
@@ -189,7 +189,8 @@ def mask_image(self, source: str, key: str, dest: str, spec: dict) -> dict:
 @app.task(name="clipmask.scheduled_scan")
 def scheduled_scan(source: str, dest: str, prompt: str, negative: str | None = None, **options) -> str | None:
     """For ``celery beat``: submit a job over ``source`` that skips already-masked images."""
-    from .planning import NoImagesError, submit_job
+    from tasks.errors import NoImagesError
+    from tasks.jobs.planning import submit_job
 
     try:
         return submit_job(source, dest, MaskSpec.from_text(prompt, negative, **options), skip_existing=True)

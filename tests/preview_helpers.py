@@ -121,6 +121,10 @@ class Job:
     corrupt: list[Item] = field(default_factory=list)
 
 
+#: The ``model`` of the records ``write_job`` writes: random test weights.
+MODEL = {"id": "/models/tiny", "revision": "sha256:0123456789abcdef", "precision": "fp32", "random": True}
+
+
 def write_job(target, job_id: str, items: list[Item], *, corrupt: list[Item] = (), failures: int = 1,
               skipped: int = 1, finished_at: str = "2024-05-01T12:00:00+00:00") -> Job:
     """Write inputs, outputs, a manifest and a summary for a finished job; returns what was written.
@@ -141,7 +145,7 @@ def write_job(target, job_id: str, items: list[Item], *, corrupt: list[Item] = (
         width, height = item.upright.size
         meta = {"source": target.url(source_key), "width": width, "height": height, "coverage": item.coverage,
                 "prompts": spec["prompts"], "negative_prompts": spec["negative_prompts"],
-                "threshold": spec["threshold"], "profile": "default", "outputs": outputs}
+                "threshold": spec["threshold"], "profile": "default", "outputs": outputs, "model": MODEL}
         target.put(f"masks/{item.key}.json", json.dumps(meta).encode())
         rows.append({"source": target.url(source_key), "status": "succeeded", "outputs": outputs})
     failed = [{"source": target.url(f"photos/broken-{i}.jpg"), "status": "failed",

@@ -4,10 +4,13 @@ exit code (``clipmask --help``)."""
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 
-from tests.processes import clipmask
+from tests.processes import REPO, clipmask
 from tests.services import free_port
 
 
@@ -111,3 +114,58 @@ def test_verbose_works_after_the_subcommand_too(folder, tmp_path, env):
                       "--device", "cpu", env=env)
     assert result.returncode == 1  # the one input is corrupt
     assert "INFO" in result.stderr and "a.png" in result.stderr
+
+
+def imports_of(args: list[str], env: dict) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """``clipmask ARGS`` under ``python -X importtime``: its result, and the top-level packages it imported."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "tasks.cli", *args], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    modules = {name.split(".")[0] for name in re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$",
+                                                            result.stderr, re.M)}
+    return result, modules
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--threshold", "2"], "--threshold must be in [0, 1]"),
+    (["--prompt", ""], "--prompt"),
+    (["--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N"),
+    (["--source-is-missing"], "does not exist: pass a folder of images"),
+])
+def test_run_reports_a_bad_option_or_source_before_it_loads_torch(folder, tmp_path, env, args, message):
+    source = str(tmp_path / "nope") if args == ["--source-is-missing"] else str(folder)
+    extra = [] if args == ["--source-is-missing"] else args
+    result, modules = imports_of(["run", source, "--out", str(tmp_path / "out"), "--prompt", "dog", *extra], env)
+    assert result.returncode == 2 and message.lower() in result.stderr.lower(), result.stderr[-2000:]
+    assert "torch" not in modules and "transformers" not in modules
+
+
+def test_an_unwritable_out_is_reported_before_a_missing_model(folder, tmp_path, env):
+    (tmp_path / "plain-file").write_text("x")
+    result = clipmask("run", str(folder), "--out", str(tmp_path / "plain-file" / "out"), "--prompt", "dog",
+                      env={**env, "CLIPMASK_MODEL": str(tmp_path / "no-such-model")})
+    assert result.returncode == 2 and "cannot write to --out" in result.stderr, result.stderr
+    assert "no-such-model" not in result.stderr
+
+
+def test_a_submit_the_broker_refuses_leaves_nothing_in_out(folder, tmp_path, env):
+    bad = {**env, "CELERY_BROKER_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}//"}
+    result = clipmask("submit", str(folder), "--out", str(tmp_path / "out"), "--prompt", "dog", env=bad, timeout=60)
+    assert result.returncode == 2 and "cannot reach the broker" in result.stderr
+    assert not (tmp_path / "out" / "_jobs").exists()
+
+
+def test_no_progress_bar_is_drawn_before_there_is_progress(tmp_path, env):
+    (tmp_path / "empty").mkdir()
+    submitted = clipmask("submit", str(tmp_path / "empty"), "--out", str(tmp_path / "out"), "--prompt", "dog", env=env)
+    assert submitted.returncode == 2 and "no images under" in submitted.stderr
+    resumed = clipmask("resume", "nosuchjob", env=env)
+    assert resumed.returncode == 1
+    for stderr in (submitted.stderr, resumed.stderr):
+        assert "img" not in stderr and "queued" not in stderr and "planned" not in stderr, stderr
+
+
+@pytest.mark.parametrize("command", ["status", "cancel", "resume", "preview"])
+def test_only_commands_that_mask_images_offer_to_log_every_image(env, command):
+    result = clipmask(command, "--help", env=env)
+    assert result.returncode == 0 and "log every image" not in result.stdout
+    assert "log every image" in clipmask("run", "--help", env=env).stdout

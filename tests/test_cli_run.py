@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.images import sample_inputs
 from tests.processes import clipmask
 from tests.reference import reference_mask
-from tests.images import sample_inputs
 from worker.codecs import decode_image
 from worker.spec import MaskSpec
 

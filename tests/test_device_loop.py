@@ -159,8 +159,9 @@ def test_cpu_streams_setting_names_the_variable_when_wrong(tiny_model, monkeypat
 
 
 def test_a_pipeline_past_its_deadline_stops_like_the_soft_time_limit(tiny_model, photos, tmp_path):
-    from celery.exceptions import SoftTimeLimitExceeded
     import time
+
+    from celery.exceptions import SoftTimeLimitExceeded
 
     engine = MaskEngine.load(tiny_model, device="cpu", batch_size=2)
     pipeline = Pipeline(engine, open_store(str(photos)), open_store(str(tmp_path / "o")), MaskSpec.from_text("a cat"),
@@ -172,7 +173,7 @@ def test_a_pipeline_past_its_deadline_stops_like_the_soft_time_limit(tiny_model,
 def test_each_gpu_gets_a_worker_of_its_own_with_the_device_in_its_name():
     import argparse
 
-    from tasks.supervise import child_command
+    from worker.supervise import child_command
 
     args = argparse.Namespace(tasks=8, precision="auto", loglevel="INFO")
     line = child_command("cuda:1", args, ["-n", "w@box", "--without-gossip"])
@@ -183,7 +184,7 @@ def test_each_gpu_gets_a_worker_of_its_own_with_the_device_in_its_name():
 
 
 def test_processes_sharing_a_device_get_names_of_their_own_and_share_the_cores(monkeypatch):
-    from tasks.supervise import child_env, child_tags
+    from worker.supervise import child_env, child_tags
 
     # Two processes per GPU on two GPUs: every node name differs (Celery merges equal names)
     assert child_tags(["cuda:0", "cuda:0", "cuda:1", "cuda:1"]) == ["cuda0-0", "cuda0-1", "cuda1-0", "cuda1-1"]

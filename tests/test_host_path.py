@@ -385,7 +385,7 @@ def test_engine_masks_of_a_reduced_jpeg_have_the_full_size(engine, orientation, 
     reference = reference_mask(engine, reference_decode(data), SPEC)
     assert_masks_match(exact, reference)
     # And reduced decoding moves the raw mask by little on average (the tiny random model
-    # amplifies input differences far more than a trained one; see README, "Speed")
+    # amplifies input differences far more than a trained one; see docs/performance.md, "Speed")
     assert np.abs(result.raw_pixels().astype(float) - exact.raw_pixels()).mean() < 2
 
 

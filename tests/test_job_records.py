@@ -11,7 +11,8 @@ import time
 import pytest
 import redis
 
-from tasks.jobs import FINISHED_TTL_S, JobIndex, JobNotFoundError, new_job_id, now_iso
+from tasks.errors import JobNotFoundError
+from tasks.jobs.index import FINISHED_TTL_S, JobIndex, new_job_id, now_iso
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 import uuid
 
@@ -122,8 +123,11 @@ def test_job_masks_every_image_and_reports_the_corrupt_one(bucket_with_inputs, j
         assert meta["prompts"] == ["a cat", "dog"] and meta["negative_prompts"] == ["tree"]
         assert meta["outputs"]["mask"] == f"s3://{bucket}/out/{key}.mask.png"
         assert meta["coverage"] == pytest.approx(float(np.mean(mask == 255)))
-        assert meta["model"]["revision"].startswith("sha256:")
+        assert meta["model"]["revision"].startswith("sha256:") and meta["model"]["random"] is True
 
+    # And the worker's start-up log said which model it runs, where, and that its weights are random
+    assert re.search(rf"engine ready: model {re.escape(job_env['CLIPMASK_MODEL'])} \(revision sha256:\w+, fp32\) "
+                     r"- RANDOM demo weights: masks are meaningless on cpu, batches of up to 4 images", worker.log())
     # And SIGTERM stops the worker cleanly
     assert worker.terminate() == 0, worker.log()
     assert "ERROR" not in worker.log()
@@ -308,8 +312,8 @@ def test_worker_refuses_gpus_this_machine_lacks(job_env):
 def test_a_job_that_no_worker_can_mask_fails_its_images_with_the_reason_instead_of_hanging(
         bucket_with_inputs, job_env, start_worker, backend_app):
     from storage import open_store
-    from tasks.jobfiles import JobFiles, PlanChunk
-    from tasks.jobs import JobIndex, new_job_id, now_iso
+    from tasks.jobs.files import JobFiles, PlanChunk
+    from tasks.jobs.index import JobIndex, new_job_id, now_iso
 
     app = backend_app
     bucket = bucket_with_inputs
@@ -378,7 +382,7 @@ def test_submit_status_cancel_and_resume_run_without_the_gpu_side(bucket_with_in
 
 SUPERVISOR = """
 import argparse, sys
-from tasks.supervise import supervise_workers
+from worker.supervise import supervise_workers
 args = argparse.Namespace(tasks=2, precision="auto", loglevel="INFO")
 sys.exit(supervise_workers(["cpu", "cpu"], args, ["-n", "sup@%h"]))
 """

@@ -16,9 +16,21 @@ import pytest
 import redis
 
 from tests.images import images_in, png
-from tests.processes import (CLIPMASK, FAST_HEALING, REPO, assert_each_input_once, clipmask, job_status,
-                             kill_mid_task, manifest_rows, named_job, submit, wait_for)
+from tests.processes import (
+    CLIPMASK,
+    FAST_HEALING,
+    REPO,
+    assert_each_input_once,
+    clipmask,
+    job_status,
+    kill_mid_task,
+    manifest_rows,
+    named_job,
+    submit,
+    wait_for,
+)
 from tests.services import FaultyProxy, RedisServer
+
 
 @pytest.fixture
 def env_of(tiny_model, s3_env):

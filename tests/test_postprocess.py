@@ -20,7 +20,7 @@ def _logits(prompts: int, seed: int = 0) -> torch.Tensor:
 
 
 def _reference_combine(logits, n_positive, profile, size):
-    """DESIGN.md steps 3-4, one prompt at a time, spelled out."""
+    """docs/design.md, "Mask semantics", steps 3-4, one prompt at a time, spelled out."""
     probabilities = []
     for prompt_logits in logits:
         x = prompt_logits[None, None].float()

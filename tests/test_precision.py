@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 from torch.ao.nn.quantized import dynamic as quantized_dynamic
 
-from tests.processes import clipmask
 from tests.images import SIZES, noise_image
+from tests.processes import clipmask
 from worker.devices import resolve_dtype, resolve_precision
 from worker.engine import MaskEngine
 from worker.errors import DeviceError

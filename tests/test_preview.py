@@ -13,8 +13,18 @@ import pytest
 from PIL import Image
 
 from tasks.preview import sample_manifest, write_preview
-from tests.preview_helpers import GREY, Item, LocalTarget, S3Target, encode, halves, parse_page, rows_mask, \
-    sample_items, write_job
+from tests.preview_helpers import (
+    GREY,
+    Item,
+    LocalTarget,
+    S3Target,
+    encode,
+    halves,
+    parse_page,
+    rows_mask,
+    sample_items,
+    write_job,
+)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -72,6 +82,8 @@ def test_preview_shows_a_sample_with_upright_thumbnails_overlays_and_failures(ta
     assert "big image & <co>.jpg" in parsed.all_text and "big image &amp; &lt;co&gt;.jpg" in html_text
     assert "a <b>cat</b>" in parsed.all_text and "<b>cat</b>" not in html_text
     assert "tree & bush" in parsed.all_text
+    # And the model the masks came from, its random weights said
+    assert "/models/tiny (revision sha256:0123456789abcdef, fp32) - RANDOM demo weights" in parsed.all_text
     # And the failure's error, escaped
     assert "ImageDecodeError: corrupt <data> & truncated #0" in parsed.all_text
     assert "corrupt &lt;data&gt; &amp; truncated" in html_text and "<data>" not in html_text

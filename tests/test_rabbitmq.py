@@ -16,8 +16,16 @@ import pytest
 import redis
 
 from tests.images import images_in
-from tests.processes import (FAST_HEALING, REPO, assert_each_input_once, clipmask, kill_mid_task, manifest_rows,
-                             submit, wait_for)
+from tests.processes import (
+    FAST_HEALING,
+    REPO,
+    assert_each_input_once,
+    clipmask,
+    kill_mid_task,
+    manifest_rows,
+    submit,
+    wait_for,
+)
 from tests.services import RabbitServer
 
 #: Redis databases of this module's own: the other tests' workers, whose healing checks look at
@@ -54,8 +62,8 @@ def python(code: str, env: dict) -> str:
 
 
 def queued(env: dict) -> int:
-    """What the healing check sees: ``tasks.queue.queued_messages()``."""
-    return int(python("from tasks.queue import queued_messages; print(queued_messages())", env))
+    """What the healing check sees: ``tasks.jobs.queue.queued_messages()``."""
+    return int(python("from tasks.jobs.queue import queued_messages; print(queued_messages())", env))
 
 
 def test_a_job_runs_end_to_end_with_rabbitmq_as_broker(tmp_path, rabbit, env, workers):
@@ -117,7 +125,7 @@ def test_the_healing_check_counts_the_messages_waiting_in_rabbitmq(tmp_path, env
     job_id = submit(src, out, env, "--chunk-size", "1")
     # Then its 5 messages wait in RabbitMQ, and the healing check leaves the quiet job alone
     assert queued(env) == 5
-    heal = ("from tasks.healing import heal_jobs; from tasks.jobs import JobIndex; "
+    heal = ("from tasks.jobs.healing import heal_jobs; from tasks.jobs.index import JobIndex; "
             "print(heal_jobs(JobIndex.from_env(), 0))")
     assert python(heal, env) == "[]"
     assert queued(env) == 5

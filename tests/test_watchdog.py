@@ -151,7 +151,7 @@ def python(code: str, env: dict) -> subprocess.CompletedProcess:
 def heal(env: dict, times: int = 1, queue_empty: bool = True) -> str:
     """The healing check, ``times`` in a row, every job taken as quiet; returns its log."""
     queued = ", queued=lambda: 0" if queue_empty else ""
-    return python("from tasks.healing import heal_jobs; from tasks.jobs import JobIndex; jobs = JobIndex.from_env(); "
+    return python("from tasks.jobs.healing import heal_jobs; from tasks.jobs.index import JobIndex; jobs = JobIndex.from_env(); "
                   f"[heal_jobs(jobs, 0{queued}) for _ in range({times})]", env).stderr
 
 
@@ -174,7 +174,7 @@ def test_a_job_whose_chunks_stay_missing_is_reported_stuck(tmp_path, env):
     text = clipmask("status", job_id, env=env).stdout
     assert "stuck: no progress for" in text and "chunks 0, 1 sent again 3 times" in text, text
     # And the workers' metrics count it
-    shown = python("from tasks.metrics import JobProgress; print([s.value for f in JobProgress().collect() "
+    shown = python("from tasks.jobs.progress import JobProgress; print([s.value for f in JobProgress().collect() "
                    "if f.name == 'clipmask_jobs_stuck' for s in f.samples])", env)
     assert shown.stdout.strip() == "[1.0]", shown.stderr
 
@@ -194,7 +194,7 @@ def test_a_job_whose_finishing_step_was_lost_is_finished_though_the_queue_is_bus
     for name in ("manifest.jsonl", "summary.json"):
         (out / "_jobs" / job_id / name).unlink()
     submit(src, tmp_path / "other", env)
-    assert python("from tasks.queue import queued_messages; print(queued_messages())", env).stdout.strip() == "2"
+    assert python("from tasks.jobs.queue import queued_messages; print(queued_messages())", env).stdout.strip() == "2"
     # When the healing check looks at it
     log = heal(env, queue_empty=False)
     # Then its finishing step is sent again at once, and a worker writes its manifest

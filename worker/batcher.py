@@ -24,14 +24,9 @@ from collections import OrderedDict, deque
 from concurrent.futures import Future
 from typing import Any, Callable, Hashable, Sequence
 
-from .config import env_int
+from worker import settings
 
 log = logging.getLogger(__name__)
-
-#: How long a lone image waits for others while the device is idle (``CLIPMASK_BATCH_WAIT_MS``).
-DEFAULT_WAIT_MS = 5
-#: ... and while other images are being loaded for the loop (``CLIPMASK_BATCH_WAIT_LOADING_MS``).
-DEFAULT_LOADING_WAIT_MS = 50
 
 RunBatch = Callable[[Any, list], list]
 
@@ -55,10 +50,8 @@ class DeviceLoop:
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
         self.run_batch, self.batch_size, self.name = run_batch, batch_size, name
-        self.max_wait_s = env_int("CLIPMASK_BATCH_WAIT_MS", DEFAULT_WAIT_MS) / 1000.0 \
-            if max_wait_s is None else max_wait_s
-        self.loading_wait_s = max(self.max_wait_s, env_int("CLIPMASK_BATCH_WAIT_LOADING_MS",
-                                                           DEFAULT_LOADING_WAIT_MS) / 1000.0) \
+        self.max_wait_s = settings.BATCH_WAIT_MS.get() / 1000.0 if max_wait_s is None else max_wait_s
+        self.loading_wait_s = max(self.max_wait_s, settings.BATCH_WAIT_LOADING_MS.get() / 1000.0) \
             if loading_wait_s is None else loading_wait_s
         self._loading = 0
         self._cond = threading.Condition()

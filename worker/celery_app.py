@@ -1,18 +1,13 @@
 """The Celery application. Settings come from ``celeryconfig``; tasks from ``tasks.masks``.
 
 Importing this module is cheap (no torch, no engine): ``clipmask submit`` and a web backend
-send tasks through it by name. The engine is loaded only in worker pool processes.
+send tasks through it by name. The engine is loaded only in worker processes
+(``worker.lifecycle``).
 """
 
 from __future__ import annotations
 
-import logging
-
-from celery import Celery, signals
-
-from .errors import ClipmaskError
-
-log = logging.getLogger(__name__)
+from celery import Celery
 
 app = Celery("clipmask", include=["tasks.masks"])
 app.config_from_object("celeryconfig")
@@ -32,15 +27,3 @@ def ready_messages(queue: str) -> int:
 def visibility_timeout() -> int:
     """Seconds before the broker hands an unacknowledged task to another worker."""
     return int(app.conf.broker_transport_options.get("visibility_timeout", 3600))
-
-
-@signals.worker_process_init.connect
-def _load_engine(**_kwargs) -> None:
-    """Load the model in each pool process as it starts, so the first task does not wait."""
-    from . import lifecycle
-
-    try:
-        lifecycle.setup()
-    except ClipmaskError as err:
-        # Tasks retry the load and report it; a pool process that died here would just respawn.
-        log.error("could not load the mask engine: %s", err)

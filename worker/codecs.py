@@ -16,12 +16,9 @@ import numpy as np
 from isal import isal_zlib
 from PIL import Image, UnidentifiedImageError
 
-from .config import env_int
-from .errors import ImageDecodeError, ImageTooLargeError
+from worker import settings
+from worker.errors import ImageDecodeError, ImageTooLargeError
 
-#: Largest image accepted, in pixels (W*H), unless ``CLIPMASK_MAX_PIXELS`` says otherwise. A
-#: guard against decompression bombs: a tiny file that decodes to gigabytes.
-DEFAULT_MAX_PIXELS = 100_000_000
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 # clipmask applies its own, configurable limit in decode_image(); Pillow's fixed guard would refuse
 # (or warn about) images that CLIPMASK_MAX_PIXELS allows.
@@ -29,8 +26,9 @@ Image.MAX_IMAGE_PIXELS = None
 
 
 def max_pixels() -> int:
-    """The decompression-bomb limit in pixels; raises ``ValueError`` naming the bad variable."""
-    return env_int("CLIPMASK_MAX_PIXELS", DEFAULT_MAX_PIXELS)
+    """The decompression-bomb limit in pixels (``CLIPMASK_MAX_PIXELS``: a guard against a tiny file
+    that decodes to gigabytes); raises ``ValueError`` naming the bad variable."""
+    return settings.MAX_PIXELS.get()
 
 
 class Decoded(NamedTuple):

@@ -8,23 +8,15 @@ create a context; only ``resolve_device`` inside a worker process touches the de
 from __future__ import annotations
 
 import functools
-import re
 
 import torch
 
-from .config import env_int
-from .errors import DeviceError
+from worker import settings
+from worker.errors import DeviceError
+from worker.options import PRECISIONS, validate_device
 
-_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 #: Images per backbone batch when ``--batch-size`` is not given.
 DEFAULT_BATCH_SIZE = {"cpu": 4, "cuda": 32}
-
-
-def validate_device(spec: str) -> str:
-    """Return ``spec`` if well formed; raises ``DeviceError`` with the accepted forms."""
-    if not _DEVICE_RE.match(spec or ""):
-        raise DeviceError(f"--device must be auto, cpu, cuda or cuda:N (e.g. cuda:1), got {spec!r}")
-    return spec
 
 
 def count_gpus() -> int:
@@ -67,14 +59,10 @@ def cpu_streams() -> tuple[int, int, int]:
     the other. Raises ``ValueError`` naming the variable when it is not a positive integer.
     """
     total = _process_threads()
-    streams = env_int("CLIPMASK_CPU_STREAMS", 2 if total >= 2 else 1)
-    if streams < 1:
-        raise ValueError(f"CLIPMASK_CPU_STREAMS must be at least 1, got {streams}")
+    streams = settings.CPU_STREAMS.get() or (2 if total >= 2 else 1)
     return streams, max(1, total // streams), total
 
 
-#: ``--precision`` values; ``auto`` is fp16 on CUDA and fp32 on CPU.
-PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
 #: The dtype ``load_model`` is asked for. ``int8`` loads fp32 weights and then quantises the vision
 #: encoder's Linear layers dynamically (int8 weights, activations quantised per batch).
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.qint8}

@@ -20,15 +20,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import gpu_decode, postprocess, postprocess_batch, preprocess
-from .codecs import Decoded, decode_scaled
-from .config import env_int
-from .devices import cpu_streams, default_batch_size, resolve_device, resolve_dtype
-from .forward import SplitCLIPSeg
-from .gpu_decode import Prepared
-from .model import LoadedModel, load_model, model_reference
-from .result import MaskResult, output_roles  # noqa: F401 - part of the engine's API
-from .spec import MaskSpec
+from worker import gpu_decode, postprocess, postprocess_batch, preprocess, settings
+from worker.codecs import Decoded, decode_scaled
+from worker.devices import cpu_streams, default_batch_size, resolve_device, resolve_dtype
+from worker.forward import SplitCLIPSeg
+from worker.gpu_decode import Prepared
+from worker.model import LoadedModel, load_model, model_reference
+from worker.result import MaskResult, output_roles  # noqa: F401 - part of the engine's API
+from worker.spec import MaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ class MaskEngine:
         #: JPEGs keep at least this many times the processor's input size when decoded for the
         #: default profile (``preprocess.DECODE_MARGIN``); 0 decodes at full resolution, as
         #: ``CLIPMASK_REDUCED_DECODE=0`` asks.
-        self.decode_margin = preprocess.DECODE_MARGIN if env_int("CLIPMASK_REDUCED_DECODE", 1) else 0
+        self.decode_margin = preprocess.DECODE_MARGIN if settings.REDUCED_DECODE.get() else 0
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._text_lock = threading.Lock()
         #: Forward passes run side by side by the device loop: several on the CPU, each on its
@@ -62,10 +61,10 @@ class MaskEngine:
             torch.set_num_threads(share)
         #: ``load_input`` leaves JPEGs encoded for the device (``gpu_decode``): on CUDA unless
         #: ``CLIPMASK_DEVICE_DECODE=0``; the tests turn it on for the CPU.
-        self.device_decode = (device.type == "cuda" and env_int("CLIPMASK_DEVICE_DECODE", 1) != 0
+        self.device_decode = (device.type == "cuda" and settings.DEVICE_DECODE.get()
                               if device_decode is None else device_decode)
         #: ``CLIPMASK_COMPILE=1``: the backbone under ``torch.compile`` (CUDA only; bench_gpu.py).
-        self.compiled = device.type == "cuda" and env_int("CLIPMASK_COMPILE", 0) != 0
+        self.compiled = device.type == "cuda" and settings.COMPILE.get()
         if self.compiled:
             self.split.backbone = torch.compile(self.split.backbone)
 
@@ -79,7 +78,8 @@ class MaskEngine:
 
     @property
     def model_info(self) -> dict:
-        return {"id": self.loaded.model_id, "revision": self.loaded.revision, "precision": self.loaded.precision}
+        info = {"id": self.loaded.model_id, "revision": self.loaded.revision, "precision": self.loaded.precision}
+        return {**info, "random": True} if self.loaded.random else info
 
     def share_threads(self, alone: bool) -> None:
         """Called by the device loop in the thread about to run a batch: on the CPU, a batch

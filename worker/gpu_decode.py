@@ -18,7 +18,7 @@ the device still encoded:
    image's error (the same ``ImageDecodeError`` as the host path's).
 
 Full-resolution device decoding differs from the host path only where the host decodes a large
-JPEG at a reduced DCT scale (README, "Speed"), and by the decoders' own rounding (nvJPEG's IDCT
+JPEG at a reduced DCT scale (docs/performance.md, "Speed"), and by the decoders' own rounding (nvJPEG's IDCT
 and chroma upsampling are not libjpeg's). On the CPU, torchvision's decoder is libjpeg-turbo like
 Pillow's, so the tests run this code with ``device="cpu"``.
 """
@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from . import codecs, preprocess
-from .errors import ImageError
-from .spec import MaskSpec
+from worker import codecs, preprocess
+from worker.errors import ImageError
+from worker.spec import MaskSpec
 
 log = logging.getLogger(__name__)
 

@@ -1,48 +1,41 @@
 """One mask engine per worker process, on that process's own device.
 
-``clipmask worker`` puts the device list in ``CLIPMASK_WORKER_DEVICES`` (``cuda:0,cuda:1`` or
-``cpu``) and starts one pool process per device. Each pool process picks the device at its pool
-index and loads the model there, in ``setup()``, called from Celery's ``worker_process_init``:
-after the fork, so the parent never initialises CUDA. A replaced process gets the same index,
-hence the same device.
+``clipmask worker`` starts one process per device (``worker/start.py``); each calls
+``setup(device)`` before Celery starts taking tasks, so the model is loaded once, in that
+process, after its own start (the parent never initialises CUDA). Where nothing called it (``celery
+-A worker.celery_app worker``), ``engine()`` loads the model on the first task, on the default
+device.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 
-from billiard.process import current_process
+from worker import settings
+from worker.engine import MaskEngine
 
-from .config import env_int
-from .engine import MaskEngine
+log = logging.getLogger("clipmask.worker")
 
-log = logging.getLogger(__name__)
-
-DEVICES_ENV = "CLIPMASK_WORKER_DEVICES"
 _engine: MaskEngine | None = None
+_lock = threading.Lock()
 
 
-def process_device() -> str:
-    """The device of this pool process: entry ``index`` of ``CLIPMASK_WORKER_DEVICES``."""
-    devices = [d.strip() for d in os.environ.get(DEVICES_ENV, "auto").split(",") if d.strip()]
-    index = getattr(current_process(), "index", None) or 0
-    return devices[index % len(devices)] if devices else "auto"
-
-
-def setup() -> MaskEngine:
-    """Load this process's engine (model from ``CLIPMASK_MODEL``); idempotent."""
+def setup(device: str = "auto") -> MaskEngine:
+    """Load this process's engine on ``device`` (model ``CLIPMASK_MODEL``, precision and batch
+    size ``CLIPMASK_PRECISION`` and ``CLIPMASK_BATCH_SIZE``) and log what it runs; idempotent."""
     global _engine
-    if _engine is None:
-        _engine = MaskEngine.load(
-            device=process_device(),
-            precision=os.environ.get("CLIPMASK_PRECISION", "auto"),
-            batch_size=env_int("CLIPMASK_BATCH_SIZE", 0) or None,
-        )
-        log.info("pid %d: engine ready on %s", os.getpid(), _engine.device)
+    with _lock:
+        if _engine is None:
+            engine = MaskEngine.load(device=device, precision=settings.PRECISION.get(),
+                                     batch_size=settings.BATCH_SIZE.get())
+            log.info("pid %d: engine ready: model %s on %s, batches of up to %d images", os.getpid(),
+                     engine.loaded.describe(), engine.device, engine.batch_size)
+            _engine = engine
     return _engine
 
 
 def engine() -> MaskEngine:
-    """This process's engine, loading it on first use (e.g. under the solo pool)."""
+    """This process's engine, loading it on first use."""
     return _engine or setup()

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import utils as hf_utils
 from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor
+from transformers import utils as hf_utils
 
-from .devices import precision_name
-from .errors import ModelUnavailableError
-from .model_source import DEFAULT_MODEL, locate, model_reference  # noqa: F401 - model_reference re-exported
+from worker.devices import precision_name
+from worker.errors import ModelUnavailableError
+from worker.model_source import DEFAULT_MODEL, locate, model_reference  # noqa: F401 - model_reference re-exported
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,8 @@ HOW_TO_GET_WEIGHTS = (
     "cache here and set HF_HOME to it with HF_HUB_OFFLINE=1; or save the model with "
     "save_pretrained() into a directory and point CLIPMASK_MODEL (or --model) at that directory."
 )
+#: Set in the config of the random models ``worker.random_model`` writes.
+RANDOM_MARK = "clipmask_random_demo"
 #: transformers' QuickGELUActivation: x * sigmoid(1.702 x).
 QUICK_GELU_SCALE = 1.702
 
@@ -42,6 +44,13 @@ class LoadedModel:
     revision: str
     #: ``fp32``, ``fp16``, ``bf16`` or ``int8`` (fp32 with the vision encoder's Linear layers quantised).
     precision: str = "fp32"
+    #: Random weights written by ``worker.random_model`` (tests, demos): its masks are meaningless.
+    random: bool = False
+
+    def describe(self) -> str:
+        """One line for logs and pages: id, revision, precision, and a warning for random weights."""
+        warning = " - RANDOM demo weights: masks are meaningless" if self.random else ""
+        return f"{self.model_id} (revision {self.revision}, {self.precision}){warning}"
 
 
 def check_model_available(ref: str) -> tuple[str, bool]:
@@ -79,7 +88,8 @@ def load_model(ref: str, device: torch.device, dtype: torch.dtype = torch.float3
         quantize_vision_encoder(model)
     precision = "int8" if quantize else precision_name(dtype)
     log.info("loaded model %s on %s (%s)", ref, device, precision)
-    return LoadedModel(model, processor, ref, _revision(model, local), precision)
+    return LoadedModel(model, processor, ref, _revision(model, local), precision,
+                       random=bool(getattr(model.config, RANDOM_MARK, False)))
 
 
 def quantize_vision_encoder(model: CLIPSegForImageSegmentation) -> None:

@@ -10,21 +10,21 @@ had, and exits 0 or 1.
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
-DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
-MODEL_ENV = "CLIPMASK_MODEL"
+from worker import settings
+
+DEFAULT_MODEL = settings.MODEL.default
 #: Seconds to wait for the Hugging Face Hub before saying it is out of reach.
 HUB_TIMEOUT_S = 3.0
 
 
 def model_reference(explicit: str | None = None) -> str:
     """``--model`` if given, else ``$CLIPMASK_MODEL``, else the default checkpoint."""
-    return explicit or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+    return explicit or settings.MODEL.get()
 
 
 def looks_like_path(ref: str) -> bool:

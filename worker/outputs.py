@@ -1,4 +1,4 @@
-"""One image's output files: the two PNGs and the metadata record DESIGN.md lists."""
+"""One image's output files: the two PNGs and the metadata record (docs/design.md, "Outputs")."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from datetime import datetime, timezone
 from functools import cache
 from importlib import metadata as package_metadata
 
-from .codecs import encode_png
-from .engine import MaskResult, output_roles
-from .spec import MaskSpec
+from worker.codecs import encode_png
+from worker.engine import MaskResult, output_roles
+from worker.spec import MaskSpec
 
 
 @cache

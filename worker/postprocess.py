@@ -1,4 +1,4 @@
-"""Logits -> masks: DESIGN.md's mask semantics, then the optional ComfyUI-style mask edits.
+"""Logits -> masks: the mask semantics of docs/design.md, then the optional ComfyUI-style mask edits.
 
 Order: resize logits to the image, sigmoid, max over positives, ``min(mask, 1 - max(neg))``;
 blur (Gaussian, raw mask); normalize (per image, a constant mask becomes zeros); threshold
@@ -16,8 +16,8 @@ import torch
 from torch.nn import functional as F
 from torchvision.transforms import functional as TF
 
-from .dominant import Dominant
-from .spec import MaskSpec
+from worker.dominant import Dominant
+from worker.spec import MaskSpec
 
 #: How each profile resizes logits to the image: the processor's bilinear, or the seed's nearest.
 UPSAMPLE_MODE = {"default": "bilinear", "masquerade": "nearest"}

@@ -13,8 +13,8 @@ from typing import Iterator
 import torch
 from torch.nn import functional as F
 
-from .postprocess import _pixel_dtype, logit
-from .spec import MaskSpec
+from worker.postprocess import _pixel_dtype, logit
+from worker.spec import MaskSpec
 
 #: Float32 values per block (N x prompts x H x W): 1 GiB.
 BLOCK_VALUES = 1 << 28
@@ -44,7 +44,7 @@ def render_many(logits: torch.Tensor, spec: MaskSpec, size: tuple[int, int],
 def render_block(logits: torch.Tensor, spec: MaskSpec, size: tuple[int, int], raw: bool):
     """One block's (raw pixels or ``None``, binary pixels) on the logits' device, (n, H, W).
 
-    The resize is ``F.interpolate``'s bilinear over the whole block, DESIGN.md's own definition
+    The resize is ``F.interpolate``'s bilinear over the whole block, docs/design.md's own definition
     (on a GPU one kernel beats the CPU path's separable passes); then, as ``render``, the prompts
     are combined in logit space (``max(sigmoid) = sigmoid(max)``, ``1 - sigmoid(x) =
     sigmoid(-x)``) and the threshold and quantization follow. Equal to ``render`` within float

@@ -1,4 +1,4 @@
-"""Image -> pixel tensor, one function per profile (see DESIGN.md, "Preprocessing profiles").
+"""Image -> pixel tensor, one function per profile (docs/design.md, "Preprocessing profiles").
 
 - ``default``: the model's own CLIPSeg image processor (352x352, ImageNet mean/std), so the
   backbone cost does not depend on the image size and every image batches with every other.
@@ -19,8 +19,8 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.transforms.v2 import functional as tvF
 
-from .errors import ImageTooLargeError, ImageTooSmallError
-from .spec import MaskSpec
+from worker.errors import ImageTooLargeError, ImageTooSmallError
+from worker.spec import MaskSpec
 
 #: The seed node hard-codes ImageNet statistics; so does the ``masquerade`` profile.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -46,7 +46,7 @@ def check_image(image: Image.Image, spec: MaskSpec, patch_size: int) -> None:
 
 #: The default profile decodes a JPEG at a reduced DCT scale, but keeps at least this many times the
 #: processor's input size on each side, so that the processor's antialiased resize still does most
-#: of the reduction (README, "Speed": 2 keeps the 352x352 input within a few grey levels of the
+#: of the reduction (docs/performance.md, "Speed": 2 keeps the 352x352 input within a few grey levels of the
 #: full decode's; 1 is faster still, and further off). 0 decodes every image at full resolution.
 DECODE_MARGIN = 2
 

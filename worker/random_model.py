@@ -25,6 +25,8 @@ from transformers import (
     ViTImageProcessor,
 )
 
+from worker.model import RANDOM_MARK
+
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 #: The resolution CLIPSeg was trained at; the model's own processor resizes to it.
@@ -100,6 +102,7 @@ def build_random_clipseg(path: str | Path, shape: str = "tiny", seed: int = 0) -
         image_mean=IMAGENET_MEAN,
         image_std=IMAGENET_STD,
     )
+    setattr(model.config, RANDOM_MARK, True)  # said in logs, records and previews
     model.save_pretrained(path)
     CLIPSegProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
     return path

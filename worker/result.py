@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from .spec import OUTPUTS, MaskSpec
+from worker.spec import OUTPUTS, MaskSpec
 
 
 def output_roles(spec: MaskSpec) -> tuple[str, ...]:

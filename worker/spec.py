@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from .errors import InvalidSpecError
+from worker import settings
+from worker.errors import InvalidSpecError
 
 PROMPT_DELIMITER = "|"
 PROFILES = ("default", "masquerade")
 #: Largest image side the ``masquerade`` profile accepts by default, in pixels. Its backbone runs
 #: at max(W, H) squared, so attention memory grows with the fourth power of the side.
-DEFAULT_MAX_SIDE = 2048
+DEFAULT_MAX_SIDE = settings.MAX_SIDE.default
 #: The image outputs, by role: the thresholded mask and the raw mask.
 OUTPUTS = ("mask", "raw")
 

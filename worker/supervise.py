@@ -21,6 +21,8 @@ import sys
 import time
 from collections import Counter
 
+from worker import settings
+
 log = logging.getLogger("clipmask.worker")
 
 #: Set in each child's environment: that ``clipmask worker`` serves its one device itself.
@@ -83,7 +85,7 @@ def supervise_workers(devices: list[str], args: argparse.Namespace, extra: list[
     shutdown signal; returns the worst exit code."""
     commands = [child_command(device, args, extra, tag) for device, tag in zip(devices, child_tags(devices))]
     # The parent serves the metrics; children only write their samples (PROMETHEUS_MULTIPROC_DIR).
-    env = {**os.environ, "CLIPMASK_METRICS_PORT": "0", CHILD_ENV: "1", **child_env(devices)}
+    env = {**os.environ, settings.METRICS_PORT.name: "0", CHILD_ENV: "1", **child_env(devices)}
     start = lambda slot: subprocess.Popen(commands[slot], env=env)  # noqa: E731
     children = [start(slot) for slot in range(len(devices))]
     stopping: list[int] = []

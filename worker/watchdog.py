@@ -28,15 +28,13 @@ from typing import Callable
 from celery import bootsteps
 from celery.worker import state
 
-from .celery_app import ready_messages, visibility_timeout
-from .config import env_int
+from worker import settings
+from worker.celery_app import ready_messages, visibility_timeout
 
 log = logging.getLogger("clipmask.watchdog")
 
 #: Exit status of a process the watchdog ends (the supervisor restarts it like any other).
 EXIT_CODE = 75
-#: Default seconds a received message may wait for a free task slot it does not take.
-DEFAULT_HELD_S = 120
 
 
 class Watchdog:
@@ -88,8 +86,8 @@ class WatchdogStep(bootsteps.StartStopStep):
 
     def start(self, worker) -> None:
         queue = worker.app.conf.task_default_queue
-        held = env_int("CLIPMASK_WATCHDOG_HELD_S", DEFAULT_HELD_S)
-        idle = env_int("CLIPMASK_WATCHDOG_IDLE_S", visibility_timeout())
+        held = settings.WATCHDOG_HELD_S.get()
+        idle = settings.WATCHDOG_IDLE_S.get() or visibility_timeout()
         watchdog = Watchdog(held, idle, lambda: ready_messages(queue))
         interval = max(1.0, min(30.0, min(held, idle) / 4))
         threading.Thread(target=self._loop, args=(watchdog, worker, interval), name="clipmask-watchdog",

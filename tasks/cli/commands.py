@@ -1,47 +1,51 @@
-"""What each ``clipmask`` subcommand does, given its parsed arguments (see ``cli.py``)."""
+"""What each ``clipmask`` subcommand does, given its parsed arguments (``parser.py``). Each
+imports what it needs when it runs: ``status`` never loads torch, ``run`` only once its options,
+SRC and DST are checked."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
-import tempfile
 import time
 
 from tqdm import tqdm
+
+from tasks.cli.parser import spec_from_args
+from tasks.errors import UsageError
 
 #: Seconds between polls of ``clipmask status --watch``.
 WATCH_INTERVAL_S = 2.0
 
 
 def run(args: argparse.Namespace, _extra: list[str]) -> int:
-    from worker.devices import validate_device
-    from worker.engine import MaskEngine
-
-    from .cli import spec_from_args
-    from .local import run_local
+    """Options, SRC and DST are checked before torch is imported or a model loaded: a typo or an
+    unwritable DST is reported in about a second."""
+    from tasks.jobs.preflight import check_run
+    from worker.options import validate_device
 
     spec = spec_from_args(args)
-    validate_device(args.device)  # a typo fails before the source is listed
-    summary = run_local(args.source, args.out, spec,
-                        lambda: MaskEngine.load(args.model, args.device, args.precision, args.batch_size),
-                        skip_existing=args.skip_existing, progress=not args.quiet)
+    validate_device(args.device)
+    source, dest, total = check_run(args.source, args.out)
+    from tasks.pipeline.local import run_local
+    from worker.engine import MaskEngine
+
+    engine = MaskEngine.load(args.model, args.device, args.precision, args.batch_size)
+    summary = run_local(source, dest, spec, engine, total=total, skip_existing=args.skip_existing,
+                        progress=not args.quiet)
     print(f"{summary['succeeded']} succeeded, {summary['failed']} failed, {summary['skipped']} skipped; "
           f"manifest: {summary['manifest']}")
     return 1 if summary["failed"] else 0
 
 
 def submit(args: argparse.Namespace, _extra: list[str]) -> int:
-    from .cli import spec_from_args
-    from .planning import submit_job
+    from tasks.jobs.planning import submit_job
 
     def named(job_id: str) -> None:
-        tqdm.write(f"job {job_id}: planning {args.source} -> {args.out}; if this is interrupted, "
-                   f"finish the plan with: clipmask resume {job_id}", file=sys.stderr)
+        print(f"job {job_id}: planning {args.source} -> {args.out}; if this is interrupted, "
+              f"finish the plan with: clipmask resume {job_id}", file=sys.stderr)
 
-    with tqdm(unit="img", desc="queued", file=sys.stderr, dynamic_ncols=True, mininterval=0.5) as bar:
+    with _ProgressBar("queued") as bar:
         job_id = submit_job(args.source, args.out, spec_from_args(args), chunk_size=args.chunk_size,
                             skip_existing=args.skip_existing, on_named=named, on_chunk=bar.update)
     print(f"submitted; follow it with: clipmask status {job_id} --watch", file=sys.stderr)
@@ -50,17 +54,37 @@ def submit(args: argparse.Namespace, _extra: list[str]) -> int:
 
 
 def resume(args: argparse.Namespace, _extra: list[str]) -> int:
-    from .planning import resume_job
+    from tasks.jobs.planning import resume_job
 
-    with tqdm(unit="img", desc="planned", file=sys.stderr, dynamic_ncols=True, mininterval=0.5) as bar:
+    with _ProgressBar("planned") as bar:
         done = resume_job(args.job_id, args.out, on_chunk=bar.update)
     print(f"job {args.job_id}: {done['planned']} more image(s) planned, {done['requeued']} chunk(s) queued again; "
           f"follow it with: clipmask status {args.job_id} --watch")
     return 0
 
 
+class _ProgressBar:
+    """A tqdm bar on stderr that appears with the first progress to show, not before (an error
+    or the job's name first, not a "0img" bar)."""
+
+    def __init__(self, desc: str):
+        self.desc, self.bar = desc, None
+
+    def update(self, n: int) -> None:
+        if self.bar is None:
+            self.bar = tqdm(unit="img", desc=self.desc, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+        self.bar.update(n)
+
+    def __enter__(self) -> "_ProgressBar":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def status(args: argparse.Namespace, _extra: list[str]) -> int:
-    from .jobs import JobIndex, waiting_note
+    from tasks.jobs.index import JobIndex, waiting_note
 
     jobs = JobIndex.from_env()
     if args.watch:
@@ -104,11 +128,9 @@ def _watch(jobs, job_id: str) -> None:
 
 def cancel(args: argparse.Namespace, _extra: list[str]) -> int:
     from storage import open_store
-
-    from .jobfiles import JobFiles
-    from .jobs import JobIndex, now_iso
-
-    from .queue import send_finish
+    from tasks.jobs.files import JobFiles
+    from tasks.jobs.index import JobIndex, now_iso
+    from tasks.jobs.queue import send_finish
 
     data, idle = JobIndex.from_env().cancel(args.job_id)
     JobFiles(open_store(data["dest"]), args.job_id).mark_cancelled(now_iso())
@@ -119,87 +141,25 @@ def cancel(args: argparse.Namespace, _extra: list[str]) -> int:
 
 
 def preview(args: argparse.Namespace, _extra: list[str]) -> int:
-    from .preview import write_preview
+    from tasks.preview import write_preview
 
     print(write_preview(args.dest, out_dir=args.out_dir, job_id=args.job_id, limit=args.limit, seed=args.seed))
     return 0
 
 
 def worker(args: argparse.Namespace, extra: list[str]) -> int:
-    """One Celery worker process per device (or ``--processes-per-device``), each a child of this
-    process (``tasks.supervise``), which forwards SIGTERM to them (a warm shutdown) and starts again
-    one that exits on its own."""
-    from worker.model import check_model_available, model_reference
-
+    """This machine's worker processes, one per device or ``--processes-per-device``, each a
+    supervised child of this process (``worker/start.py``); the jobs' progress among the metrics."""
     for option, variable in (("tasks", "CLIPMASK_WORKER_TASKS"),
                              ("processes_per_device", "CLIPMASK_PROCESSES_PER_DEVICE")):
         if getattr(args, option) < 1:  # a default from the environment skips argparse's check
-            raise ValueError(f"--{option.replace('_', '-')} (default ${variable}) must be at least 1, "
+            raise UsageError(f"--{option.replace('_', '-')} (default ${variable}) must be at least 1, "
                              f"got {getattr(args, option)}")
-    devices = _worker_devices(args)
-    if args.model:
-        os.environ["CLIPMASK_MODEL"] = args.model
-    if args.batch_size:
-        os.environ["CLIPMASK_BATCH_SIZE"] = str(args.batch_size)
-    os.environ["CLIPMASK_PRECISION"] = args.precision
-    from .supervise import CHILD_ENV, supervise_workers
+    from worker.start import start_workers
 
-    if os.environ.get(CHILD_ENV):  # started by the supervisor below (which checked the model)
-        return _serve_device(devices[0], args, extra)
-    check_model_available(model_reference())
-    _serve_metrics()  # here, for all devices: children write their samples to its folder
-    return supervise_workers([device for device in devices for _ in range(args.processes_per_device)], args, extra)
+    def job_progress():
+        from tasks.jobs.progress import JobProgress
 
+        return [JobProgress()]
 
-def _serve_device(device: str, args: argparse.Namespace, extra: list[str]) -> int:
-    """Celery's threads pool, ``--tasks`` threads: the tasks held share this process's engine
-    and its device loop. Acks stay late, so a killed process loses no task (README, "Workers")."""
-    from worker import lifecycle
-    from worker.celery_app import app
-    from worker.errors import ClipmaskError
-
-    os.environ[lifecycle.DEVICES_ENV] = device
-    try:
-        lifecycle.setup()
-    except ClipmaskError as err:  # tasks retry the load, and report it if it keeps failing
-        logging.getLogger("clipmask").error("could not load the mask engine: %s", err)
-    app.worker_main(["worker", "--pool", "threads", "--concurrency", str(args.tasks),
-                     "--queues", app.conf.task_default_queue, "--loglevel", args.loglevel, *extra])
-    return 0
-
-
-def _serve_metrics() -> None:
-    """With ``CLIPMASK_METRICS_PORT``, serve Prometheus metrics from this (the main) process."""
-    from worker.config import env_int
-
-    port = env_int("CLIPMASK_METRICS_PORT", 0)
-    if not port:
-        return
-    # Before prometheus_client is first imported, so that pool processes write their samples there.
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="clipmask-metrics-")
-    from . import metrics
-
-    try:
-        metrics.serve(port)
-    except OSError as err:
-        raise OSError(f"CLIPMASK_METRICS_PORT={port}: cannot listen ({err}); choose a free port") from None
-
-
-def _worker_devices(args: argparse.Namespace) -> list[str]:
-    """One entry per worker process: ``cuda:N`` per chosen GPU, or the one ``--device``."""
-    from worker.devices import count_gpus, validate_device
-
-    available = count_gpus()
-    if args.device != "auto" or (not args.gpus and not available):
-        return [validate_device(args.device)]
-    if not args.gpus or args.gpus == "all":
-        return [f"cuda:{i}" for i in range(available)]
-    try:
-        indices = [int(i) for i in args.gpus.split(",")]
-    except ValueError:
-        raise ValueError(f"--gpus must be 'all' or indices like 0,2; got {args.gpus!r}") from None
-    missing = [i for i in indices if not 0 <= i < available]
-    if missing:
-        raise ValueError(f"--gpus {args.gpus}: no GPU {missing} on this machine ({available} visible); "
-                         "leave --gpus out to use every GPU, or --device cpu")
-    return [f"cuda:{i}" for i in indices]
+    return start_workers(args, extra, job_progress)

@@ -1,27 +1,17 @@
-"""The ``clipmask`` command: run, submit, status, cancel, resume, preview, worker.
+"""The arguments of ``clipmask``: its subcommands, their options and help.
 
 Exit codes (``EXIT_CODES``): 0 success; 1 some images failed (``run``) or the job is unknown
 (``status``, ``cancel``, ``resume``); 2 a usage or configuration error, with a message saying how
-to fix it.
-
-``submit``, ``status``, ``cancel`` and ``resume`` never import torch or the engine.
+to fix it. Importing this needs neither torch nor Celery, Redis or boto3.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 
-from worker.config import env_int
-from worker.errors import ClipmaskError
-from worker.spec import DEFAULT_MAX_SIDE, PROFILES, MaskSpec
-
-from .planning import DEFAULT_CHUNK_SIZE
-from .redact import redact_url
-
-#: Tasks one worker process holds at once (``--tasks``), all feeding its one device loop.
-DEFAULT_WORKER_TASKS = 8
+from tasks.settings import DEFAULT_CHUNK_SIZE
+from worker import settings
+from worker.spec import PROFILES, MaskSpec
 
 EXIT_CODES = """exit codes:
   0  success
@@ -30,8 +20,9 @@ EXIT_CODES = """exit codes:
 
 EPILOG = EXIT_CODES + """
 
-configuration (environment):
-  CELERY_BROKER_URL, CELERY_RESULT_BACKEND   Redis URLs for queue and results
+configuration (environment; every variable in docs/operations.md):
+  CELERY_BROKER_URL                          the task queue: Redis, or RabbitMQ (amqp://...)
+  CELERY_RESULT_BACKEND, CLIPMASK_REDIS_URL  Redis for task results, and for job records
   CLIPMASK_MODEL                             HF model id or local directory (default CIDAS/clipseg-rd64-refined)
   AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION   boto3's own
   HF_HOME, HF_HUB_OFFLINE                    Hugging Face's own cache and offline switch
@@ -52,13 +43,6 @@ def at_least(low: int):
     return parse
 
 
-def _common_options() -> argparse.ArgumentParser:
-    """Options every subcommand takes too, so that ``clipmask run ... -v`` works."""
-    parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log every image")
-    return parent
-
-
 def _mask_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("mask options")
@@ -68,8 +52,9 @@ def _mask_options() -> argparse.ArgumentParser:
     group.add_argument("--normalize", action="store_true", help="stretch each image's mask to [0, 1] first")
     group.add_argument("--profile", choices=PROFILES, default="default",
                        help="default: fast, 352x352 backbone; masquerade: the seed node's exact recipe")
-    group.add_argument("--max-side", type=at_least(1), default=env_int("CLIPMASK_MAX_SIDE", DEFAULT_MAX_SIDE),
-                       help=f"masquerade only: longest image side accepted (default {DEFAULT_MAX_SIDE})")
+    group.add_argument("--max-side", type=at_least(1), default=settings.MAX_SIDE.get(),
+                       help="masquerade only: longest image side accepted (default $CLIPMASK_MAX_SIDE or "
+                            f"{settings.MAX_SIDE.default})")
     group.add_argument("--blur", type=float, default=0.0, help="Gaussian sigma in pixels on the raw mask")
     group.add_argument("--grow", type=int, default=0, help="grow (or, negative, shrink) the mask by N pixels")
     group.add_argument("--invert", action="store_true", help="invert both masks")
@@ -98,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clipmask", description="Text-prompted image masks (CLIPSeg) for folders and buckets.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log every image")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more (with run: every image)")
     parser.add_argument("--version", action="version", version=f"clipmask {_version()}")
     commands = _Commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     mask, engine = _mask_options(), _engine_options()
@@ -108,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("source", metavar="SRC", help="s3://bucket/prefix or a local folder of images")
         sub.add_argument("--out", required=True, metavar="DST", help="s3://bucket/prefix or a local folder")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log every image")
     submit.add_argument("--chunk-size", type=at_least(1), default=DEFAULT_CHUNK_SIZE,
                         help=f"images per task (default {DEFAULT_CHUNK_SIZE})")
     status = commands.add_parser("status", help="progress of a job")
@@ -142,11 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "share one device loop, which batches them together. Other options are passed to "
                     "`celery worker`.")
     worker.add_argument("--gpus", help="'all' (default when GPUs exist) or indices, e.g. 0,2")
-    worker.add_argument("--tasks", type=at_least(1), default=env_int("CLIPMASK_WORKER_TASKS", DEFAULT_WORKER_TASKS),
+    worker.add_argument("--tasks", type=at_least(1), default=settings.WORKER_TASKS.get(),
                         help="tasks each process holds at once, feeding its device loop "
-                             f"(default $CLIPMASK_WORKER_TASKS or {DEFAULT_WORKER_TASKS})")
+                             f"(default $CLIPMASK_WORKER_TASKS or {settings.WORKER_TASKS.default})")
     worker.add_argument("--processes-per-device", type=at_least(1),
-                        default=env_int("CLIPMASK_PROCESSES_PER_DEVICE", 1),
+                        default=settings.PROCESSES_PER_DEVICE.get(),
                         help="worker processes per device, each with its own model, tasks and device loop "
                              "(default $CLIPMASK_PROCESSES_PER_DEVICE or 1). Raise it on a GPU when one "
                              "process's host work (S3 requests, PNG encoding: Python, one core at a time) "
@@ -156,13 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _Commands:
-    """Subparsers that all take the common options and show the exit codes in their help."""
+    """Subparsers that show the exit codes in their help."""
 
     def __init__(self, subparsers):
         self.subparsers = subparsers
 
     def add_parser(self, name: str, parents=(), **kwargs) -> argparse.ArgumentParser:
-        return self.subparsers.add_parser(name, parents=[*parents, _common_options()], epilog=EXIT_CODES,
+        return self.subparsers.add_parser(name, parents=list(parents), epilog=EXIT_CODES,
                                           formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
 
 
@@ -176,50 +162,9 @@ def _version() -> str:
 
 
 def spec_from_args(args: argparse.Namespace) -> MaskSpec:
+    """The mask options as a ``MaskSpec``; raises ``InvalidSpecError`` naming a bad one."""
     return MaskSpec.from_text(
         args.prompt, args.negative, threshold=args.threshold, normalize=args.normalize, profile=args.profile,
         blur_sigma=args.blur, grow=args.grow, invert=args.invert, raw_bits=args.raw_bits, max_side=args.max_side,
         outputs=args.outputs,
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        parser = build_parser()
-    except ValueError as err:  # a malformed CLIPMASK_* default
-        print(f"clipmask: error: {err}", file=sys.stderr)
-        return 2
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "worker":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from kombu.exceptions import OperationalError
-    from redis import RedisError
-
-    from . import commands
-    from .jobs import JobNotFoundError, redis_url
-
-    try:
-        return getattr(commands, args.command)(args, extra)
-    except RedisError as err:
-        return _fail(args, f"cannot reach Redis at {redis_url()} ({err}); check CLIPMASK_REDIS_URL (else "
-                           "CELERY_RESULT_BACKEND, then CELERY_BROKER_URL) and that redis-server is running")
-    except OperationalError as err:
-        from .queue import broker_url
-
-        return _fail(args, f"cannot reach the broker at {broker_url()} ({err}); check CELERY_BROKER_URL and that "
-                           "the broker (redis-server or rabbitmq-server) is running")
-    except JobNotFoundError as err:
-        return _fail(args, str(err), code=1)
-    except (ClipmaskError, ValueError, LookupError, OSError, RuntimeError) as err:
-        return _fail(args, str(err))
-
-
-def _fail(args: argparse.Namespace, message: str, code: int = 2) -> int:
-    print(redact_url(f"clipmask {args.command}: error: {message}"), file=sys.stderr)
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""A job's durable record in storage, under ``DST/_jobs/<job_id>/`` (README, "Jobs").
+"""A job's durable record in storage, under ``DST/_jobs/<job_id>/`` (docs/design.md, "Jobs").
 
 - ``job.json``        what was asked: source, dest, spec, skip_existing, chunk_size, created_at;
                       written before anything is planned

@@ -25,12 +25,11 @@ from typing import Callable
 
 from celery import bootsteps
 
+from tasks import settings
+from tasks.jobs.index import JobIndex, healing_state, is_complete, waiting_note
+from tasks.jobs.planning import requeue_missing
+from tasks.jobs.queue import default_queue, queued_messages
 from worker.celery_app import visibility_timeout
-from worker.config import env_int
-
-from .jobs import JobIndex, healing_state, is_complete, waiting_note
-from .planning import requeue_missing
-from .queue import default_queue, queued_messages
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +37,7 @@ log = logging.getLogger(__name__)
 def heal_interval() -> int:
     """Seconds between checks: ``CLIPMASK_HEAL_INTERVAL``, else a quarter of the visibility
     timeout, between 5 s and a minute."""
-    return env_int("CLIPMASK_HEAL_INTERVAL", min(60, max(5, visibility_timeout() // 4)))
+    return settings.HEAL_INTERVAL.get() or min(60, max(5, visibility_timeout() // 4))
 
 
 def heal_jobs(jobs: JobIndex, quiet_s: float, queued: Callable[[], int] = queued_messages) -> list[str]:

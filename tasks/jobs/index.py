@@ -5,7 +5,7 @@ small whatever the job's size, so that it can be lost and rebuilt (``clipmask re
 
 - ``clipmask:job:{id}``        hash: source, dest, spec, queue, created_at, chunk_size, window, chunks and
                                total (planned so far), sent (chunks queued so far, see
-                               ``jobscripts``), planned (0/1), cancelled (0/1), planner (host:pid)
+                               ``scripts``), planned (0/1), cancelled (0/1), planner (host:pid)
                                and planner_beat while planning, succeeded / failed / skipped /
                                chunks_done, created_ts, planned_at, last_progress, healed_at
                                (epoch s), heals (chunks sent again since the last progress, how
@@ -32,19 +32,17 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from worker.config import env_int
-
-from . import jobscripts
-from .redact import redact_url
+from tasks import settings
+from tasks.errors import JobNotFoundError
+from tasks.jobs import scripts
+from tasks.redact import redact_url
+from tasks.settings import redis_url
 
 STATUSES = ("succeeded", "failed", "skipped")
 #: Seconds a finished job's records stay in Redis (its files in storage stay for good).
 FINISHED_TTL_S = 7 * 24 * 3600
 #: A planner that has not written its heartbeat for this long is taken for dead.
 PLANNER_STALE_S = 60
-#: Chunks of one job queued or running at once, unless ``CLIPMASK_JOB_WINDOW`` says otherwise:
-#: enough to keep a few hundred GPUs busy, few enough that the broker holds about a megabyte.
-DEFAULT_WINDOW = 1000
 #: A job sent its missing chunks this many times without progress is stuck: logged as an error,
 #: counted in ``clipmask_jobs_stuck``, shown by ``clipmask status``.
 STUCK_AFTER_HEALS = 3
@@ -54,22 +52,6 @@ PREFIX = "clipmask:job:"
 ACTIVE = "clipmask:jobs:active"
 
 Claims = list[tuple[int, int]]
-
-
-class JobNotFoundError(LookupError):
-    """Raised when a job id is unknown to Redis (mistyped, expired, or Redis lost it)."""
-
-
-def redis_url() -> str:
-    """``CLIPMASK_REDIS_URL``, else the Redis among the Celery backend and broker URLs."""
-    explicit = os.environ.get("CLIPMASK_REDIS_URL")
-    if explicit:
-        return explicit
-    for name in ("CELERY_RESULT_BACKEND", "CELERY_BROKER_URL"):
-        value = os.environ.get(name, "")
-        if value.startswith(("redis://", "rediss://", "unix://")):
-            return value
-    return "redis://127.0.0.1:6379/0"
 
 
 def new_job_id() -> str:
@@ -93,7 +75,7 @@ class JobIndex:
         pool = client.connection_pool
         self._raw = redis.Redis(connection_pool=redis.ConnectionPool(
             connection_class=pool.connection_class, **{**pool.connection_kwargs, "decode_responses": False}))
-        self._scripts = {name: client.register_script(getattr(jobscripts, name))
+        self._scripts = {name: client.register_script(getattr(scripts, name))
                          for name in ("PLAN_CHUNK", "RECORD_CHUNK", "FINISH_PLANNING", "FEED", "CANCEL")}
 
     @classmethod
@@ -123,7 +105,7 @@ class JobIndex:
                 "source": record["source"], "dest": record["dest"], "spec": json.dumps(record["spec"]),
                 **({"queue": record["queue"]} if record.get("queue") else {}),
                 "created_at": record["created_at"], "chunk_size": record["chunk_size"],
-                "window": record.get("window") or env_int("CLIPMASK_JOB_WINDOW", DEFAULT_WINDOW),
+                "window": record.get("window") or settings.JOB_WINDOW.get(),
                 "chunks": 0, "total": 0, "sent": 0, "planned": 0, "cancelled": 0, "chunks_done": 0,
                 **{status: 0 for status in STATUSES},
                 "planner": this_planner(), "planner_beat": time.time(), "created_ts": time.time(),
@@ -201,7 +183,7 @@ class JobIndex:
             pipe.execute()
 
     def status(self, job_id: str) -> dict:
-        """``job_id``, ``state``, ``total``, the per-status counts and planning state (DESIGN.md)."""
+        """``job_id``, ``state``, ``total``, the per-status counts and planning state (docs/design.md, "Lifecycle")."""
         return job_status(job_id, self.info(job_id))
 
     def mark_finished(self, job_id: str, counts: dict[str, int], total: int, manifest_url: str) -> None:

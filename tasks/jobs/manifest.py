@@ -11,16 +11,12 @@ import json
 from typing import Iterable, Iterator
 
 from storage import ObjectStore
-
-from .jobfiles import JobFiles, iter_lines, row_line
-from .jobs import STATUSES, now_iso
-from .readahead import ordered_map
+from tasks.errors import IncompleteJobError
+from tasks.jobs.files import JobFiles, iter_lines, row_line
+from tasks.jobs.index import STATUSES, now_iso
+from tasks.jobs.readahead import ordered_map
 
 CANCELLED = "job cancelled"
-
-
-class IncompleteJobError(RuntimeError):
-    """Raised when a chunk has no result file yet, so the manifest cannot be written."""
 
 
 class CountingLines:

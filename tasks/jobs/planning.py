@@ -9,25 +9,22 @@ from __future__ import annotations
 
 import logging
 import time
-from itertools import chain, islice
+from itertools import chain
 from typing import Callable, Iterable, Iterator
 
-from storage import ObjectStore, open_store
-from storage.layout import IMAGE_EXTENSIONS, is_image_key, is_output_key
-from worker.config import env_int
+from storage import open_store
+from tasks import settings
+from tasks.errors import PlanningBusyError, UsageError
+from tasks.jobs.files import JobFiles, PlanChunk
+from tasks.jobs.index import JobIndex, new_job_id, now_iso, planning_interrupted
+from tasks.jobs.listing import chunked, image_keys, no_images
+from tasks.jobs.preflight import check_source, check_writable
+from tasks.jobs.queue import check_broker, default_queue, producer, send_chunk, send_finish
+from tasks.jobs.readahead import ordered_map
 from worker.spec import MaskSpec
-
-from .jobfiles import JobFiles, PlanChunk
-from .jobs import DEFAULT_WINDOW, JobIndex, new_job_id, now_iso, planning_interrupted
-from .preflight import check_source, check_writable
-from .queue import check_broker, default_queue, producer, send_chunk, send_finish
-from .readahead import ordered_map
 
 log = logging.getLogger(__name__)
 
-#: Images per task when ``--chunk-size`` is not given: large enough to batch on a GPU, small
-#: enough that a redelivered chunk repeats little work.
-DEFAULT_CHUNK_SIZE = 64
 #: Plan files written at once: an S3 PUT takes milliseconds, a planner writes thousands.
 PLAN_WRITERS = 8
 #: Seconds between the planner's updates of the index (chunks planned, heartbeat, cancelled?):
@@ -35,30 +32,7 @@ PLAN_WRITERS = 8
 INDEX_EVERY_S = 0.05
 
 
-class NoImagesError(LookupError):
-    """Raised when a source holds no image files (by extension) to mask."""
-
-    def __init__(self, source: ObjectStore):
-        super().__init__(f"no images under {source.url} (extensions: {' '.join(IMAGE_EXTENSIONS)})")
-
-
-class PlanningBusyError(RuntimeError):
-    """Raised by ``resume_job`` while the job's planner is still alive."""
-
-
-def image_keys(source: ObjectStore, start_after: str | None = None) -> Iterator[str]:
-    """Keys under ``source`` with an image extension, excluding clipmask's own outputs."""
-    keys = source.list(start_after=start_after) if start_after else source.list()
-    return (key for key in keys if is_image_key(key) and not is_output_key(key))
-
-
-def chunked(items: Iterable[str], size: int) -> Iterator[list[str]]:
-    iterator = iter(items)
-    while chunk := list(islice(iterator, size)):
-        yield chunk
-
-
-def submit_job(source_url: str, dest_url: str, spec: MaskSpec, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+def submit_job(source_url: str, dest_url: str, spec: MaskSpec, *, chunk_size: int = settings.DEFAULT_CHUNK_SIZE,
                skip_existing: bool = False, jobs: JobIndex | None = None,
                on_named: Callable[[str], None] | None = None,
                on_chunk: Callable[[int], None] | None = None) -> str:
@@ -66,24 +40,24 @@ def submit_job(source_url: str, dest_url: str, spec: MaskSpec, *, chunk_size: in
 
     ``on_named(job_id)`` is called before anything is listed; ``on_chunk(n)`` as each chunk of
     ``n`` keys is queued. Raises ``NoImagesError`` before recording anything if the source has
-    no images, and ``ValueError`` for a bad URL or chunk size.
+    no images, ``UsageError`` for a bad chunk size, ``ValueError`` for a bad URL.
     """
     if chunk_size < 1:
-        raise ValueError(f"--chunk-size must be at least 1, got {chunk_size}")
+        raise UsageError(f"--chunk-size must be at least 1, got {chunk_size}")
     source, dest = open_store(source_url), open_store(dest_url)
     check_source(source)
+    check_broker()  # before the probe under DST: nothing written for a job that cannot be queued
     check_writable(dest)
-    check_broker()
     job_id = new_job_id()
     if on_named:
         on_named(job_id)
     keys = image_keys(source)
     first = next(keys, None)
     if first is None:
-        raise NoImagesError(source)
+        raise no_images(source)
     record = {"job_id": job_id, "source": source.url, "dest": dest.url, "spec": spec.to_dict(),
               "skip_existing": skip_existing, "chunk_size": chunk_size, "created_at": now_iso(),
-              "window": env_int("CLIPMASK_JOB_WINDOW", DEFAULT_WINDOW), "queue": default_queue()}
+              "window": settings.JOB_WINDOW.get(), "queue": default_queue()}
     files = JobFiles(dest, job_id)
     files.write_job(record)
     jobs = jobs or JobIndex.from_env()

@@ -1,4 +1,4 @@
-"""The Lua scripts of the job index (``tasks/jobs.py``): each runs atomically in Redis.
+"""The Lua scripts of the job index (``tasks/jobs/index.py``): each runs atomically in Redis.
 
 A job's chunks are queued through a window: at most ``window`` chunks of a job are queued or
 running at once. ``sent`` counts the chunks queued so far (in chunk order); whoever moves the job

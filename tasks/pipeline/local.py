@@ -2,37 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 from tqdm import tqdm
 
-from storage import open_store
+from storage import ObjectStore
+from tasks.jobs.files import JobFiles
+from tasks.jobs.index import new_job_id, now_iso
+from tasks.jobs.listing import image_keys
+from tasks.jobs.manifest import CountingLines, write_summary
+from tasks.pipeline.stream import Pipeline
 from worker.engine import MaskEngine
 from worker.spec import MaskSpec
 
-from .jobfiles import JobFiles
-from .jobs import new_job_id, now_iso
-from .manifest import CountingLines, write_summary
-from .pipeline import Pipeline
-from .planning import NoImagesError, image_keys
-from .preflight import check_source, check_writable
 
-
-def run_local(source_url: str, dest_url: str, spec: MaskSpec, load_engine: Callable[[], MaskEngine], *,
+def run_local(source: ObjectStore, dest: ObjectStore, spec: MaskSpec, engine: MaskEngine, *, total: int | None = None,
               skip_existing: bool = False, progress: bool = True) -> dict:
-    """Mask every image under ``source_url``; returns the summary also written to storage.
+    """Mask every image under ``source`` into ``dest``; returns the summary also written there.
 
-    The source is listed twice, once to count (for the progress bar) and once to mask, so that
-    no list of keys or rows is held. ``load_engine`` is called once the source is known to hold
-    images. Raises ``NoImagesError`` when it holds none.
+    Check both first, before loading the engine (``tasks.jobs.preflight.check_run``, which also
+    counts the images: ``total``, for the progress bar). The source is listed again to mask it, so
+    that no list of keys or rows is held.
     """
-    source, dest = open_store(source_url), open_store(dest_url)
-    check_source(source)
-    total = sum(1 for _ in image_keys(source))
-    if not total:
-        raise NoImagesError(source)
-    engine = load_engine()
-    check_writable(dest)  # after the model, whose errors leave nothing behind; before any image
     run_id = new_job_id()
     record = {"source": source.url, "dest": dest.url, "spec": spec.to_dict(), "created_at": now_iso()}
     files, counter = JobFiles(dest, run_id), CountingLines()

@@ -7,14 +7,13 @@ pipeline feeding it (the tasks a worker holds at once); encoding and writing run
 same pool, so the device does not wait for storage.
 Every input ends in exactly one ``Outcome``, yielded in input order; any error while handling one
 image fails that image alone. Storage calls are not retried here: the storage layer already did
-(README, "Retries"); an image that still met a transient error says so (``Outcome.transient``),
+(docs/operations.md, "Jobs at scale": retries); an image that still met a transient error says so (``Outcome.transient``),
 so that the task can run its chunk again later.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -27,20 +26,15 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from storage import ObjectStore, is_transient
 from storage.layout import output_keys
+from worker import metrics, settings
 from worker.batcher import DeviceLoop, device_loop
-from worker.config import env_int
 from worker.engine import MaskEngine, MaskResult
 from worker.gpu_decode import Prepared
 from worker.outputs import encode_masks, encode_metadata, metadata_record, worker_identity
 from worker.spec import MaskSpec
 
-from . import metrics
-
 log = logging.getLogger(__name__)
 
-#: Threads for reading, decoding, preprocessing, encoding and writing: enough to hide storage
-#: latency, and one per core so that CPU work keeps up with a GPU (``CLIPMASK_IO_THREADS``).
-IO_THREADS = env_int("CLIPMASK_IO_THREADS", min(16, max(4, os.cpu_count() or 1)))
 
 
 @dataclass
@@ -206,12 +200,13 @@ _POOL_LOCK = threading.Lock()
 
 
 def io_pool() -> ThreadPoolExecutor:
-    """The process's pool for reading, decoding, encoding and writing (``IO_THREADS`` threads),
-    shared by every pipeline: its work never waits on other work in it, so it cannot deadlock."""
+    """The process's pool for reading, decoding, encoding and writing, shared by every pipeline:
+    its work never waits on other work in it, so it cannot deadlock. ``CLIPMASK_IO_THREADS``
+    threads: enough to hide storage latency, and one per core so that CPU work keeps up with a GPU."""
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
-            _POOL = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="clipmask-io")
+            _POOL = ThreadPoolExecutor(settings.IO_THREADS.get(), thread_name_prefix="clipmask-io")
         return _POOL
 
 

@@ -1,5 +1,5 @@
-"""The page of ``clipmask preview`` (``tasks/preview.py``): one static HTML document, inline
-CSS and SVG, every user-supplied string escaped."""
+"""The page of ``clipmask preview``: one static HTML document, inline CSS and SVG, every
+user-supplied string escaped."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import json
 from typing import TYPE_CHECKING, Iterable
 
 if TYPE_CHECKING:
-    from .preview import Card, ManifestSample
+    from tasks.preview.cards import Card
+    from tasks.preview.sample import ManifestSample
 
 HISTOGRAM_BINS = 20
 
@@ -125,6 +126,7 @@ def render_page(job_id: str, summary: dict, sample: ManifestSample, cards: list[
     others = {k: v for k, v in spec.items() if k not in ("prompts", "negative_prompts", "threshold", "profile")}
     if others:
         shown.append(("options", ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(others.items()))))
+    shown.append(("model", "; ".join(sorted({card.model for card in cards if card.model})) or "(not in the sample)"))
     shown += [("created", summary.get("created_at", "?")), ("finished", summary.get("finished_at", "?"))]
     coverages = [card.coverage for card in cards if card.coverage is not None]
     n = len(coverages)

@@ -3,14 +3,11 @@ first failures and the counts, in memory that does not grow with the manifest.""
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
-
-from storage import LocalStore, ObjectStore
+from typing import Iterable
 
 DEFAULT_LIMIT = 200
 
@@ -75,12 +72,3 @@ def sample_manifest(lines: Iterable[bytes], limit: int = DEFAULT_LIMIT, seed: in
                     reservoir[slot] = (index, row or json.loads(line))
     sample.succeeded = [row for _, row in sorted(reservoir, key=lambda item: item[0])]
     return sample
-
-
-def manifest_lines(store: ObjectStore, key: str) -> Iterator[bytes]:
-    """The manifest's lines: streamed from disk locally, from one GET's bytes on S3."""
-    if isinstance(store, LocalStore):
-        with open(store.url_for(key), "rb") as handle:
-            yield from handle
-    else:
-        yield from io.BytesIO(store.read_bytes(key))
