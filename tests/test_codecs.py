@@ -217,8 +217,9 @@ def test_random_bytes_raise_image_decode_error():
     _assert_readable_decode_error(np.random.default_rng(1234).bytes(4096))
 
 
-def test_empty_file_raises_image_decode_error():
-    _assert_readable_decode_error(b"")
+def test_empty_file_raises_image_decode_error_saying_it_is_empty():
+    err = _assert_readable_decode_error(b"")
+    assert str(err) == "empty file (0 bytes), not an image"
 
 
 # --- decompression-bomb guard -----------------------------------------------------------

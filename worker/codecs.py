@@ -111,6 +111,8 @@ def read_header(data: bytes, limit: int | None = None) -> Header:
 
 
 def _open_checked(data: bytes, limit: int) -> Image.Image:
+    if not data:  # Pillow would say it cannot identify the file, which reads as a corrupt image
+        raise ImageDecodeError("empty file (0 bytes), not an image")
     image = Image.open(io.BytesIO(data))
     width, height = image.size
     if width * height > limit:
@@ -126,7 +128,7 @@ def _image_errors():
     """Pillow's exceptions for one file -> ``ImageDecodeError`` / ``ImageTooLargeError``."""
     try:
         yield
-    except ImageTooLargeError:
+    except (ImageTooLargeError, ImageDecodeError):
         raise
     except UnidentifiedImageError as err:
         raise ImageDecodeError("not an image Pillow can read (unknown format or corrupt header)") from err
