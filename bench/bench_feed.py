@@ -16,7 +16,13 @@ a process cannot go faster than 1000 / that many images per second, however many
 That ceiling, against a GPU's 2,000+ images per second, is what ``clipmask worker
 --processes-per-device`` is for.
 
+With ``--rtt-ms 0 30 100`` S3 is also served by ``s3_lite.py`` (objects in memory, a process of
+its own that is not the bottleneck) with that round trip added to every request, as real S3 has:
+images per second per round trip and against 0 ms, the most requests the server had in flight at
+once, and the server's own CPU per request.
+
 Usage: .venv/bin/python bench/bench_feed.py [--images 2000] [--s3-images 400] [--repeat 2] [--gil]
+       [--rtt-ms 0 30 100] [--stores local s3 lite]
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -64,6 +71,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--s3-images", type=int, default=400, help="images per run, S3 (moto is slow)")
     parser.add_argument("--repeat", type=int, default=2, help="runs per store; the best counts")
     parser.add_argument("--gil", action="store_true", help="also sample GIL-held time with py-spy")
+    parser.add_argument("--rtt-ms", type=float, nargs="+", default=[0, 30, 100],
+                        help="round trips added by s3_lite to every request (store 'lite')")
+    parser.add_argument("--stores", nargs="+", choices=("local", "s3", "lite"), default=["local", "s3", "lite"],
+                        help="local folder, moto, s3_lite at each --rtt-ms")
     return parser.parse_args()
 
 
@@ -94,47 +105,85 @@ def measure(source: str, dest: str, spec: MaskSpec, engine: MaskEngine, gil: boo
     return figures
 
 
+def server_cpu_s(pid: int) -> float:
+    """CPU seconds a process has used (user + system), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def upload(store, count: int, jpegs: list[bytes]) -> None:
+    with ThreadPoolExecutor(64) as pool:
+        list(pool.map(lambda i: store.write_bytes(f"{i:05d}.jpg", jpegs[i % len(jpegs)]), range(count)))
+
+
+def report(name: str, runs: list[dict], gil: bool, extra: str = "") -> dict:
+    best = max(runs, key=lambda figures: figures["rate"])
+    line = f"{name:>14} {best['images']:7d} {best['rate']:7.0f} {min(r['cpu_ms'] for r in runs):11.2f}"
+    if gil:
+        held = min(r["gil_ms"] for r in runs)
+        line += f" {held:11.2f} {1000 / held:22.0f}"
+    print(line + extra, flush=True)
+    return best
+
+
 def main() -> None:
     args = parse_args()
     if args.gil and py_spy() is None:
         sys.exit("--gil needs py-spy: .venv/bin/pip install py-spy")
     work = Path(tempfile.mkdtemp(prefix="bench-feed-"))
+    from s3_lite import LiteServer
     from tests.services import MotoServer, s3_test_env  # the tests' own moto server helpers
 
-    moto = MotoServer(workdir=str(work)).start()
-    os.environ.update(s3_test_env(moto.endpoint))
+    moto = MotoServer(workdir=str(work)).start() if "s3" in args.stores else None
     try:
         import boto3
 
-        boto3.client("s3").create_bucket(Bucket=BUCKET)
         engine = StubDevice.load(str(build_random_clipseg(work / "tiny", shape="tiny")), device="cpu",
                                  batch_size=32, device_decode=True)  # the processor only; headers parsed
         spec = MaskSpec.from_text(PROMPT, NEGATIVE)
         rendered = postprocess.render(standin_logits("smooth", 0), spec, (SIZE[1], SIZE[0]))
         engine.masks = (rendered.raw_pixels.numpy(), rendered.binary_pixels.numpy())
         jpegs = [make_jpeg(*SIZE, i) for i in range(16)]
-        local, s3 = work / "src", open_store(f"s3://{BUCKET}/src/")
-        local.mkdir()
-        for i in range(args.images):
-            (local / f"{i:05d}.jpg").write_bytes(jpegs[i % 16])
-        for i in range(args.s3_images):
-            s3.write_bytes(f"{i:05d}.jpg", jpegs[i % 16])
         print(f"host side of clipmask run as on a GPU: device STAND-IN (ready {SIZE[0]}x{SIZE[1]} masks, JPEGs "
               f"left to the device), 3 prompts + 1 negative, {os.cpu_count()} cores, best of {args.repeat}")
-        print(f"{'store':>6} {'images':>7} {'img/s':>7} {'CPU ms/img':>11}" + (
+        print(f"{'store':>14} {'images':>7} {'img/s':>7} {'CPU ms/img':>11}" + (
             f" {'GIL ms/img':>11} {'ceiling img/s/process':>22}" if args.gil else ""))
-        for name, source, dest in (("local", str(local), str(work / "out")),
-                                   ("s3", f"s3://{BUCKET}/src/", f"s3://{BUCKET}/out")):
-            runs = [measure(source, f"{dest}{run}/", spec, engine, args.gil, work) for run in range(args.repeat)]
-            best = max(runs, key=lambda figures: figures["rate"])
-            line = f"{name:>6} {best['images']:7d} {best['rate']:7.0f} {min(r['cpu_ms'] for r in runs):11.2f}"
-            if args.gil:
-                gil = min(r["gil_ms"] for r in runs)
-                line += f" {gil:11.2f} {1000 / gil:22.0f}"
-            print(line, flush=True)
-        print("(S3: moto serves every request in Python on the same cores; its CPU is not in the CPU column)")
+        if "local" in args.stores:
+            local = work / "src"
+            local.mkdir()
+            for i in range(args.images):
+                (local / f"{i:05d}.jpg").write_bytes(jpegs[i % 16])
+            report("local", [measure(str(local), str(work / f"out{run}"), spec, engine, args.gil, work)
+                             for run in range(args.repeat)], args.gil)
+        if moto is not None:
+            os.environ.update(s3_test_env(moto.endpoint))
+            boto3.client("s3").create_bucket(Bucket=BUCKET)
+            upload(open_store(f"s3://{BUCKET}/src/"), args.s3_images, jpegs)
+            report("s3 (moto)", [measure(f"s3://{BUCKET}/src/", f"s3://{BUCKET}/out{run}/", spec, engine, args.gil, work)
+                                 for run in range(args.repeat)], args.gil)
+        base = None
+        for rtt in args.rtt_ms if "lite" in args.stores else ():
+            server = LiteServer(rtt)
+            try:
+                os.environ.update(s3_test_env(server.endpoint))
+                boto3.client("s3").create_bucket(Bucket=BUCKET)
+                upload(open_store(f"s3://{BUCKET}/src/"), args.s3_images, jpegs)
+                server.stats(reset=True)
+                cpu = server_cpu_s(server.process.pid)
+                runs = [measure(f"s3://{BUCKET}/src/", f"s3://{BUCKET}/out{run}/", spec, engine, args.gil, work)
+                        for run in range(args.repeat)]
+                stats, cpu = server.stats(), server_cpu_s(server.process.pid) - cpu
+                requests = sum(stats["counts"].values())
+                base = base or max(r["rate"] for r in runs)
+                report(f"s3-lite {rtt:g} ms", runs, args.gil,
+                       f"   x{max(r['rate'] for r in runs) / base:.2f} of {args.rtt_ms[0]:g} ms; at most "
+                       f"{stats['max_in_flight']} requests in flight; server {cpu / requests * 1e3:.2f} ms CPU/request")
+            finally:
+                server.stop()
+        print("(moto serves every request in Python on the same cores; no server's CPU is in the CPU column)")
     finally:
-        moto.stop()
+        if moto is not None:
+            moto.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 

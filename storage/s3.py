@@ -51,6 +51,9 @@ PART_SIZE = 8 * 1024 * 1024
 #: S3's smallest part (all parts but the last) and largest.
 MIN_PART_SIZE = 5 * 1024 * 1024
 MAX_PART_SIZE = 5 * 1024 ** 3
+#: Connections a client keeps open for reuse: more than the requests a process sends at once
+#: (its storage threads, CLIPMASK_S3_CONCURRENCY, 400 by default); opened only as they are needed.
+MAX_CONNECTIONS = 1024
 #: GETs read_bytes makes in all while an object's body stream is cut, and the first back-off.
 STREAM_ATTEMPTS = 4
 STREAM_BACKOFF_S = 0.2
@@ -267,7 +270,7 @@ def shared_client(max_attempts: int) -> Any:
             config = Config(
                 # total_max_attempts counts the first request too; Config's "max_attempts" would not.
                 retries={"mode": "standard", "total_max_attempts": max_attempts},
-                max_pool_connections=32,
+                max_pool_connections=MAX_CONNECTIONS,
             )
             client = _CLIENTS[key] = boto3.session.Session().client("s3", config=config)
             while len(_CLIENTS) > _CLIENTS_KEPT:

@@ -73,8 +73,8 @@ _READERS: dict[str, Callable[[Setting, str], Any]] = {
     "int": _whole, "flag": _flag, "text": lambda _setting, raw: raw, "json": _json}
 
 
-def _io_threads() -> int:
-    return min(16, max(4, os.cpu_count() or 1))
+def _cpu_threads() -> int:
+    return max(2, len(os.sched_getaffinity(0)))
 
 
 MODEL = Setting("CLIPMASK_MODEL", "CIDAS/clipseg-rd64-refined", "HF model id or local directory", "text")
@@ -90,8 +90,13 @@ COMPILE = Setting("CLIPMASK_COMPILE", False, "`1`: run the backbone under `torch
 BATCH_SIZE = Setting("CLIPMASK_BATCH_SIZE", None, "the worker's `--batch-size`", minimum=1,
                      shown="4 on CPU, 32 on CUDA")
 PRECISION = Setting("CLIPMASK_PRECISION", "auto", "the worker's `--precision`", "text")
-IO_THREADS = Setting("CLIPMASK_IO_THREADS", _io_threads, "threads per worker process for download, decode, "
-                     "preprocess, encode, upload (shared by its tasks)", minimum=1, shown="cores, 4 to 16")
+CPU_THREADS = Setting("CLIPMASK_CPU_THREADS", _cpu_threads, "threads per process for decoding, preprocessing and "
+                      "encoding images (shared by its tasks)", minimum=1, shown="cores, at least 2")
+S3_CONCURRENCY = Setting("CLIPMASK_S3_CONCURRENCY", 400, "storage requests one process has in flight at most "
+                         "(threads that wait on storage; the S3 client's connections match): images/s x requests "
+                         "per image x round trip", minimum=1)
+READAHEAD_MB = Setting("CLIPMASK_READAHEAD_MB", 256, "images one pipeline (a task, or `clipmask run`) reads ahead "
+                       "of the model, in MB", minimum=1)
 WORKER_TASKS = Setting("CLIPMASK_WORKER_TASKS", 8, "default of `clipmask worker --tasks`: tasks one worker process "
                        "holds at once, feeding its device loop")
 PROCESSES_PER_DEVICE = Setting("CLIPMASK_PROCESSES_PER_DEVICE", 1, "default of `clipmask worker "
@@ -113,6 +118,6 @@ WATCHDOG_IDLE_S = Setting("CLIPMASK_WATCHDOG_IDLE_S", None, "... or starting not
 
 #: Every worker-side variable, by name.
 SETTINGS: dict[str, Setting] = {setting.name: setting for setting in (
-    MODEL, MAX_PIXELS, MAX_SIDE, REDUCED_DECODE, DEVICE_DECODE, COMPILE, BATCH_SIZE, PRECISION, IO_THREADS,
-    WORKER_TASKS, PROCESSES_PER_DEVICE, BATCH_WAIT_MS, BATCH_WAIT_LOADING_MS, CPU_STREAMS, METRICS_PORT,
+    MODEL, MAX_PIXELS, MAX_SIDE, REDUCED_DECODE, DEVICE_DECODE, COMPILE, BATCH_SIZE, PRECISION, CPU_THREADS,
+    S3_CONCURRENCY, READAHEAD_MB, WORKER_TASKS, PROCESSES_PER_DEVICE, BATCH_WAIT_MS, BATCH_WAIT_LOADING_MS, CPU_STREAMS, METRICS_PORT,
     WATCHDOG_HELD_S, WATCHDOG_IDLE_S)}

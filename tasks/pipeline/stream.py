@@ -1,10 +1,12 @@
 """Mask a stream of keys from one store into another: the work of ``clipmask run`` and of a task.
 
-Reading and decoding run ahead in a thread pool shared by every pipeline of the process (on a
-GPU, JPEGs are only read there, and decoded on the device: ``worker.gpu_decode``);
-inference runs in the engine's device loop (``worker.batcher``), which batches the images of every
-pipeline feeding it (the tasks a worker holds at once); encoding and writing run behind it in the
-same pool, so the device does not wait for storage.
+Each image is read by a storage thread, decoded by a CPU thread (on a GPU, a JPEG is only parsed
+there, and decoded on the device: ``worker.gpu_decode``), masked by the engine's device loop
+(``worker.batcher``, which batches the images of every pipeline feeding it: the tasks a worker
+holds at once), encoded by a CPU thread, and written by storage threads: its two masks at the same
+time, then its metadata record. The pools are the process's (``pools.py``); reads run ahead of the
+model by a window sized in bytes (``CLIPMASK_READAHEAD_MB``), so hundreds of requests can be in
+flight while the device works.
 Every input ends in exactly one ``Outcome``, yielded in input order; any error while handling one
 image fails that image alone. Storage calls are not retried here: the storage layer already did
 (docs/operations.md, "Jobs at scale": retries); an image that still met a transient error says so (``Outcome.transient``),
@@ -17,7 +19,7 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -26,6 +28,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from storage import ObjectStore, is_transient
 from storage.layout import output_keys
+from tasks.pipeline.pools import chain, cpu_pool, gather, resolved, storage_pool, then
 from worker import metrics, settings
 from worker.batcher import DeviceLoop, device_loop
 from worker.engine import MaskEngine, MaskResult
@@ -65,6 +68,7 @@ class _Loaded:
     prepared: Prepared | None = None  # the engine's input (``MaskEngine.load_input``)
     outcome: Outcome | None = None  # set when the input already has its outcome
     timings_ms: dict = field(default_factory=dict)
+    data: bytes | None = None  # the file, between its read and its decoding
 
     @property
     def size(self) -> tuple[int, int]:
@@ -87,35 +91,44 @@ class Pipeline:
         self.deadline = deadline
         self.worker = worker_identity(str(engine.device))
         self.labels = {"model": str(engine.model_info.get("id", "")), "device": str(engine.device)}
+        self._read = [0, 0]  # images read, and their bytes: the window's measure (``_window``)
+        self._read_lock = threading.Lock()
 
     def run(self, keys: Iterable[str]) -> Iterator[Outcome]:
         """Yield one ``Outcome`` per key, in the order of ``keys``."""
         labels = dict(self.labels)
-        pool, loop = io_pool(), device_loop(self.engine, lambda size: metrics.observe_batch(size, labels))
+        loop = device_loop(self.engine, lambda size: metrics.observe_batch(size, labels))
         outcomes: deque[Future] = deque()
-        for batch in self._loaded_batches(pool, loop, keys):
+        for batch in self._loaded_batches(loop, keys):
             ready = [item for item in batch if item.outcome is None]
             inferred = iter(loop.submit(self.spec, [item.prepared for item in ready]))
             for item in batch:
-                outcomes.append(_resolved(item.outcome) if item.outcome is not None
-                                else self._saved(pool, item, next(inferred)))
-            while len(outcomes) > 2 * self.engine.batch_size:
+                outcomes.append(resolved(item.outcome) if item.outcome is not None
+                                else self._saved(item, next(inferred)))
+            while len(outcomes) > self._window():
                 yield self._observed(self._result(outcomes.popleft()))
         while outcomes:
             yield self._observed(self._result(outcomes.popleft()))
 
-    def _saved(self, pool: ThreadPoolExecutor, item: "_Loaded", inferred: Future) -> Future:
-        """The outcome of ``item`` once its inference is done and its outputs are written (in the
-        pool, so that the device loop only hands results over)."""
-        saved: Future = Future()
+    def _window(self) -> int:
+        """Images read ahead of the model, and written behind it, at most: what
+        ``CLIPMASK_READAHEAD_MB`` holds of the images read so far (two batches until the first is
+        read), within two batches and ``CLIPMASK_S3_CONCURRENCY``."""
+        size = self.engine.batch_size
+        images, size_bytes = self._read
+        if not images:
+            return 2 * size
+        fits = settings.READAHEAD_MB.get() * 1024 * 1024 * images // max(1, size_bytes)
+        return max(2 * size, min(fits, settings.S3_CONCURRENCY.get()))
 
-        def save(done: Future) -> None:
-            error = done.exception()
-            written = pool.submit(self._save, item, error if error is not None else done.result())
-            written.add_done_callback(lambda w: saved.set_result(w.result()))
-
-        inferred.add_done_callback(save)
-        return saved
+    def _saved(self, item: "_Loaded", inferred: Future) -> Future:
+        """The outcome of ``item`` once its inference is done and its outputs are written: encoded
+        by a CPU thread, then both masks written at the same time, then the metadata record (its
+        presence means the image is complete, for ``--skip-existing``)."""
+        encoded = then(inferred, lambda result: self._encode(item, result), cpu_pool())
+        written = chain(encoded, self._write_masks)
+        recorded = chain(written, lambda step: storage_pool().submit(self._write_record, item, step))
+        return _outcome_of(recorded, lambda err: self._failed(item.key, err))
 
     def _result(self, future: Future):
         if self.deadline is None:
@@ -129,59 +142,78 @@ class Pipeline:
         metrics.observe_outcome(outcome.status, self.labels, (outcome.metadata or {}).get("timings_ms"))
         return outcome
 
-    def _loaded_batches(self, pool: ThreadPoolExecutor, loop: DeviceLoop,
-                        keys: Iterable[str]) -> Iterator[list[_Loaded]]:
-        """Batches of loaded inputs, reading up to two batches ahead of inference (the device loop
+    def _loaded_batches(self, loop: DeviceLoop, keys: Iterable[str]) -> Iterator[list[_Loaded]]:
+        """Batches of loaded inputs, reading up to a window ahead of inference (the device loop
         knows they are coming: a partial batch may wait for them)."""
         size = self.engine.batch_size
         pending: deque[Future] = deque()
         for key in keys:
-            pending.append(pool.submit(self._load, key, loop))
-            if len(pending) >= 2 * size:
+            pending.append(self._load(key, loop))
+            if len(pending) >= max(2 * size, self._window()):
                 yield [self._result(pending.popleft()) for _ in range(size)]
         while pending:
             yield [self._result(pending.popleft()) for _ in range(min(size, len(pending)))]
 
-    def _load(self, key: str, loop: DeviceLoop) -> _Loaded:
+    def _load(self, key: str, loop: DeviceLoop) -> Future:
+        """``key`` read by a storage thread, then decoded by a CPU thread: a ``_Loaded`` whose
+        ``outcome`` is set when it is skipped or failed."""
+        loading = loop.loading()
+        loading.__enter__()  # until it is decoded: a partial batch may wait for it
+        read = storage_pool().submit(self._fetch, key)
+        loaded = then(read, self._decode, cpu_pool())
+        loaded.add_done_callback(lambda _: loading.__exit__(None, None, None))
+        return loaded
+
+    def _fetch(self, key: str) -> _Loaded:
         item = _Loaded(key)
         try:
-            with loop.loading():
-                if self.skip_existing and self.dest.exists(output_keys(key)["metadata"]):
-                    item.outcome = Outcome(key, self.source.url_for(key), "skipped")
-                    return item
-                started = time.perf_counter()
-                data = self.source.read_bytes(key)
-                read = time.perf_counter()
-                item.prepared = self.engine.load_input(data, self.spec)  # on a GPU, a JPEG stays encoded
-                item.timings_ms = {"download": (read - started) * 1e3, **(item.prepared.timings_ms or {})}
+            if self.skip_existing and self.dest.exists(output_keys(key)["metadata"]):
+                item.outcome = Outcome(key, self.source.url_for(key), "skipped")
+                return item
+            started = time.perf_counter()
+            item.data = self.source.read_bytes(key)
+            item.timings_ms = {"download": (time.perf_counter() - started) * 1e3}
+            with self._read_lock:
+                self._read[0] += 1
+                self._read[1] += len(item.data)
         except Exception as err:  # noqa: BLE001 - whatever it is, it fails this image alone
             item.outcome = self._failed(key, err)
         return item
 
-    def _save(self, item: _Loaded, result: MaskResult | Exception) -> Outcome:
-        if isinstance(result, Exception):
-            return self._failed(item.key, result)
+    def _decode(self, item: _Loaded) -> _Loaded:
+        if item.outcome is not None:
+            return item
         try:
-            return self._write_outputs(item, result)
+            item.prepared = self.engine.load_input(item.data, self.spec)  # on a GPU, a JPEG stays encoded
+            item.timings_ms.update(item.prepared.timings_ms or {})
         except Exception as err:  # noqa: BLE001 - whatever it is, it fails this image alone
-            return self._failed(item.key, err)
+            item.outcome = self._failed(item.key, err)
+        item.data = None
+        return item
 
-    def _write_outputs(self, item: _Loaded, result: MaskResult) -> Outcome:
+    def _encode(self, item: _Loaded, result: MaskResult) -> "_Written":
         started = time.perf_counter()
-        keys = output_keys(item.key)
         blobs = encode_masks(result, self.spec)
-        encoded = time.perf_counter()
-        for role, blob in blobs.items():
-            self.dest.write_bytes(keys[role], blob, "image/png")
-        urls = {role: self.dest.url_for(key) for role, key in keys.items() if role in blobs or role == "metadata"}
-        timings = {**item.timings_ms, **result.timings_ms, "encode": (encoded - started) * 1e3,
-                   "upload": (time.perf_counter() - encoded) * 1e3}
+        return _Written(item.key, result, blobs, {"encode": (time.perf_counter() - started) * 1e3})
+
+    def _write_masks(self, step: "_Written") -> Future:
+        """Both PNGs written at the same time (one round trip, not two); a future of ``step``."""
+        keys, started = output_keys(step.item_key), time.perf_counter()
+        writes = [storage_pool().submit(self.dest.write_bytes, keys[role], blob, "image/png")
+                  for role, blob in step.blobs.items()]
+        step.upload_started = started
+        return chain(gather(writes), lambda _: resolved(step))
+
+    def _write_record(self, item: _Loaded, step: "_Written") -> Outcome:
+        result, keys = step.result, output_keys(item.key)
+        urls = {role: self.dest.url_for(key) for role, key in keys.items() if role in step.blobs or role == "metadata"}
+        timings = {**item.timings_ms, **result.timings_ms, **step.timings_ms,
+                   "upload": (time.perf_counter() - step.upload_started) * 1e3}
         worker = {**self.worker, "batch_images": result.batch_images}
         record = metadata_record(
             source=self.source.url_for(item.key), size=item.size, spec=self.spec,
             model=self.engine.model_info, result=result, outputs=urls, timings_ms=timings, worker=worker,
         )
-        # The metadata goes last: its presence means the image is complete (--skip-existing).
         self.dest.write_bytes(keys["metadata"], encode_metadata(record), "application/json")
         log.info("%smasked %s (coverage %.3f)", self._prefix(), item.key, result.coverage)
         return Outcome(item.key, record["source"], "succeeded", urls, coverage=result.coverage, metadata=record)
@@ -195,22 +227,20 @@ class Pipeline:
         return f"[{self.context}] " if self.context else ""
 
 
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
+@dataclass
+class _Written:
+    """One image between its encoding and its metadata record."""
+
+    item_key: str
+    result: MaskResult
+    blobs: dict[str, bytes]
+    timings_ms: dict
+    upload_started: float = 0.0
 
 
-def io_pool() -> ThreadPoolExecutor:
-    """The process's pool for reading, decoding, encoding and writing, shared by every pipeline:
-    its work never waits on other work in it, so it cannot deadlock. ``CLIPMASK_IO_THREADS``
-    threads: enough to hide storage latency, and one per core so that CPU work keeps up with a GPU."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(settings.IO_THREADS.get(), thread_name_prefix="clipmask-io")
-        return _POOL
-
-
-def _resolved(outcome: Outcome) -> Future:
-    future: Future = Future()
-    future.set_result(outcome)
-    return future
+def _outcome_of(future: Future, failed) -> Future:
+    """A future that always ends in an ``Outcome``: ``future``'s, or ``failed(its exception)``."""
+    out: Future = Future()
+    future.add_done_callback(lambda done: out.set_result(failed(done.exception()) if done.exception() is not None
+                                                         else done.result()))
+    return out

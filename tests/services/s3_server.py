@@ -8,6 +8,7 @@ import random
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
@@ -84,13 +85,19 @@ class FaultyProxy:
       empty PUT reply) goes through whole and is not counted;
     - otherwise forwarded as it is.
 
+    ``delay_s`` holds every request that long before forwarding it: a round trip
+    as real S3 has. ``in_flight`` lists the paths of the requests being served,
+    and ``overlaps(a, b)`` says whether a request for a path ending in ``a`` and
+    one for the same path ending in ``b`` instead were ever served at once.
+
     ``slowdowns`` and ``drops`` count the faults injected, ``requests`` all
-    requests. HTTP/1.1 keep-alive, ``Expect: 100-continue`` and chunked
-    request bodies are handled; every response with a body has a Content-Length.
+    requests, ``max_in_flight`` the most served at once. HTTP/1.1 keep-alive,
+    ``Expect: 100-continue`` and chunked request bodies are handled; every
+    response with a body has a Content-Length.
     """
 
     def __init__(self, upstream: str, *, slowdown: float = 0.2, drop: float = 0.05, seed: int = 0,
-                 methods: Iterable[str] | None = None, port: int | None = None) -> None:
+                 methods: Iterable[str] | None = None, port: int | None = None, delay_s: float = 0.0) -> None:
         """``upstream`` is the endpoint URL to forward to ("http://127.0.0.1:PORT")."""
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname, parts.port or 80)
@@ -98,7 +105,10 @@ class FaultyProxy:
         self.methods = None if methods is None else frozenset(m.upper() for m in methods)
         self.port = port or free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.requests = self.slowdowns = self.drops = 0
+        self.requests = self.slowdowns = self.drops = self.max_in_flight = 0
+        self.delay_s = delay_s
+        self.in_flight: list[str] = []
+        self._together: set[tuple[str, str]] = set()
         self._random = random.Random(seed)
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
@@ -144,6 +154,23 @@ class FaultyProxy:
                 self.slowdowns += 1
                 return "slowdown"
         return "drop" if value < self.slowdown + self.drop else None
+
+    def enter(self, path: str) -> None:
+        """A request for ``path`` is being served: remember what it overlaps."""
+        with self._lock:
+            self._together.update((path, other) for other in self.in_flight)
+            self._together.update((other, path) for other in self.in_flight)
+            self.in_flight.append(path)
+            self.max_in_flight = max(self.max_in_flight, len(self.in_flight))
+
+    def leave(self, path: str) -> None:
+        with self._lock:
+            self.in_flight.remove(path)
+
+    def overlaps(self, end_a: str, end_b: str) -> bool:
+        """Were requests for ``X + end_a`` and ``X + end_b`` (the same X) ever served at once?"""
+        with self._lock:
+            return any(a.endswith(end_a) and b == a[:-len(end_a)] + end_b for a, b in self._together)
 
     def count_drop(self) -> None:
         with self._lock:
@@ -191,6 +218,15 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         """Read the request, then answer it as the proxy's draw says."""
         proxy = self.server.proxy
         body = self._read_body()
+        proxy.enter(self.path)
+        try:
+            if proxy.delay_s:
+                time.sleep(proxy.delay_s)
+            self._answer(proxy, body)
+        finally:
+            proxy.leave(self.path)
+
+    def _answer(self, proxy: "FaultyProxy", body: bytes) -> None:
         fault = proxy.draw(self.command)
         if fault == "slowdown":
             return self._respond(503, [("Content-Type", "application/xml")], SLOWDOWN_BODY)
