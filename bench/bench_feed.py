@@ -132,6 +132,7 @@ def main() -> None:
         sys.exit("--gil needs py-spy: .venv/bin/pip install py-spy")
     work = Path(tempfile.mkdtemp(prefix="bench-feed-"))
     from s3_lite import LiteServer
+
     from tests.services import MotoServer, s3_test_env  # the tests' own moto server helpers
 
     moto = MotoServer(workdir=str(work)).start() if "s3" in args.stores else None
