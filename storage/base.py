@@ -73,6 +73,10 @@ class ObjectStore(abc.ABC):
     PermissionError, ConnectionError (transient), or StorageError (an OSError).
     """
 
+    #: Whether each request crosses a network (S3: tens to hundreds of milliseconds a round trip,
+    #: so callers keep many in flight) or is served at once (a local disk).
+    networked: bool = True
+
     @property
     @abc.abstractmethod
     def url(self) -> str:

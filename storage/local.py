@@ -57,6 +57,8 @@ class LocalStore(ObjectStore):
     memory before spilling them to a temporary file (see the module doc).
     """
 
+    networked = False  # a request is served at once: nothing to keep in flight
+
     def __init__(self, root: str, *, spill_names: int = SPILL_NAMES) -> None:
         """Raises ValueError if ``root`` is not an absolute path or spill_names < 1."""
         if not os.path.isabs(root):

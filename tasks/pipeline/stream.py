@@ -111,12 +111,12 @@ class Pipeline:
             yield self._observed(self._result(outcomes.popleft()))
 
     def _window(self) -> int:
-        """Images read ahead of the model, and written behind it, at most: what
-        ``CLIPMASK_READAHEAD_MB`` holds of the images read so far (two batches until the first is
-        read), within two batches and ``CLIPMASK_S3_CONCURRENCY``."""
+        """Images read ahead of the model, and written behind it, at most: with a store across a
+        network, what ``CLIPMASK_READAHEAD_MB`` holds of the images read so far (two batches until
+        the first is read), within two batches and ``CLIPMASK_S3_CONCURRENCY``; else two batches."""
         size = self.engine.batch_size
         images, size_bytes = self._read
-        if not images:
+        if not images or not (self.source.networked or self.dest.networked):
             return 2 * size
         fits = settings.READAHEAD_MB.get() * 1024 * 1024 * images // max(1, size_bytes)
         return max(2 * size, min(fits, settings.S3_CONCURRENCY.get()))
@@ -125,9 +125,13 @@ class Pipeline:
         """The outcome of ``item`` once its inference is done and its outputs are written: encoded
         by a CPU thread, then both masks written at the same time, then the metadata record (its
         presence means the image is complete, for ``--skip-existing``)."""
-        encoded = then(inferred, lambda result: self._encode(item, result), cpu_pool())
-        written = chain(encoded, self._write_masks)
-        recorded = chain(written, lambda step: storage_pool().submit(self._write_record, item, step))
+        if not self.dest.networked:  # a local disk: encoding and writing are one CPU step
+            recorded = then(inferred, lambda result: self._write_record(item, self._write_local(
+                self._encode(item, result))), cpu_pool())
+        else:
+            encoded = then(inferred, lambda result: self._encode(item, result), cpu_pool())
+            written = chain(encoded, self._write_masks)
+            recorded = chain(written, lambda step: storage_pool().submit(self._write_record, item, step))
         return _outcome_of(recorded, lambda err: self._failed(item.key, err))
 
     def _result(self, future: Future):
@@ -159,8 +163,10 @@ class Pipeline:
         ``outcome`` is set when it is skipped or failed."""
         loading = loop.loading()
         loading.__enter__()  # until it is decoded: a partial batch may wait for it
-        read = storage_pool().submit(self._fetch, key)
-        loaded = then(read, self._decode, cpu_pool())
+        if self.source.networked:
+            loaded = then(storage_pool().submit(self._fetch, key), self._decode, cpu_pool())
+        else:  # a local disk: reading and decoding are one CPU step
+            loaded = cpu_pool().submit(lambda: self._decode(self._fetch(key)))
         loaded.add_done_callback(lambda _: loading.__exit__(None, None, None))
         return loaded
 
@@ -203,6 +209,12 @@ class Pipeline:
                   for role, blob in step.blobs.items()]
         step.upload_started = started
         return chain(gather(writes), lambda _: resolved(step))
+
+    def _write_local(self, step: "_Written") -> "_Written":
+        keys, step.upload_started = output_keys(step.item_key), time.perf_counter()
+        for role, blob in step.blobs.items():
+            self.dest.write_bytes(keys[role], blob, "image/png")
+        return step
 
     def _write_record(self, item: _Loaded, step: "_Written") -> Outcome:
         result, keys = step.result, output_keys(item.key)
