@@ -93,6 +93,8 @@ class Pipeline:
         self.labels = {"model": str(engine.model_info.get("id", "")), "device": str(engine.device)}
         self._read = [0, 0]  # images read, and their bytes: the window's measure (``_window``)
         self._read_lock = threading.Lock()
+        self._readahead_bytes = settings.READAHEAD_MB.get() * 1024 * 1024
+        self._in_flight = settings.S3_CONCURRENCY.get()
 
     def run(self, keys: Iterable[str]) -> Iterator[Outcome]:
         """Yield one ``Outcome`` per key, in the order of ``keys``."""
@@ -118,8 +120,8 @@ class Pipeline:
         images, size_bytes = self._read
         if not images or not (self.source.networked or self.dest.networked):
             return 2 * size
-        fits = settings.READAHEAD_MB.get() * 1024 * 1024 * images // max(1, size_bytes)
-        return max(2 * size, min(fits, settings.S3_CONCURRENCY.get()))
+        fits = self._readahead_bytes * images // max(1, size_bytes)
+        return max(2 * size, min(fits, self._in_flight))
 
     def _saved(self, item: "_Loaded", inferred: Future) -> Future:
         """The outcome of ``item`` once its inference is done and its outputs are written: encoded
@@ -159,8 +161,8 @@ class Pipeline:
             yield [self._result(pending.popleft()) for _ in range(min(size, len(pending)))]
 
     def _load(self, key: str, loop: DeviceLoop) -> Future:
-        """``key`` read by a storage thread, then decoded by a CPU thread: a ``_Loaded`` whose
-        ``outcome`` is set when it is skipped or failed."""
+        """``key`` read by a storage thread, then decoded by a CPU thread (from a local disk, both
+        by a CPU thread): a ``_Loaded`` whose ``outcome`` is set when it is skipped or failed."""
         loading = loop.loading()
         loading.__enter__()  # until it is decoded: a partial batch may wait for it
         if self.source.networked:
@@ -204,10 +206,9 @@ class Pipeline:
 
     def _write_masks(self, step: "_Written") -> Future:
         """Both PNGs written at the same time (one round trip, not two); a future of ``step``."""
-        keys, started = output_keys(step.item_key), time.perf_counter()
+        keys, step.upload_started = output_keys(step.item_key), time.perf_counter()
         writes = [storage_pool().submit(self.dest.write_bytes, keys[role], blob, "image/png")
                   for role, blob in step.blobs.items()]
-        step.upload_started = started
         return chain(gather(writes), lambda _: resolved(step))
 
     def _write_local(self, step: "_Written") -> "_Written":
