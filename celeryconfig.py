@@ -40,7 +40,7 @@ worker_cancel_long_running_tasks_on_connection_loss = False
 # under the threads pool a task thread, reading the consumer's AMQP connection at the same time as
 # the consumer's own loop (py-amqp is not thread-safe). Replies reach the wrong reader, and every
 # reader blocks: the worker takes no task and sends no heartbeat until RabbitMQ drops it (about
-# 3 minutes; seen in 2 of 5 broker restarts). Without the reduction a reconnected worker takes a
+# 3 minutes; seen in 4 of 11 broker restarts). Without the reduction a reconnected worker takes a
 # full window of messages at once while its last tasks finish: they wait for a free thread.
 worker_enable_prefetch_count_reduction = False
 # Sending a task rides out a broker restart of about a minute: a finished chunk queues the job's

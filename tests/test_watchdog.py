@@ -164,7 +164,7 @@ def test_a_job_whose_chunks_stay_missing_is_reported_stuck(tmp_path, env):
     # When the healing check sends its chunks again, twice, then a third time
     heal(env, times=2)
     status = job_status(job_id, env)
-    assert (status["heals"], status["resent"], status["stuck"]) == (2, [0, 1], False)
+    assert (status["heals"], status["resent"], status["resent_count"], status["stuck"]) == (2, [0, 1], 2, False)
     log = heal(env)
     # Then the job is reported stuck: in the log, as an error saying what it waits for, and by status
     assert f"job {job_id} is stuck: no progress for" in log and "chunks 0, 1 sent again 3 times" in log, log

@@ -15,6 +15,7 @@ import threading
 
 from worker import settings
 from worker.engine import MaskEngine
+from worker.model_source import describe_model
 
 log = logging.getLogger("clipmask.worker")
 
@@ -31,7 +32,7 @@ def setup(device: str = "auto") -> MaskEngine:
             engine = MaskEngine.load(device=device, precision=settings.PRECISION.get(),
                                      batch_size=settings.BATCH_SIZE.get())
             log.info("pid %d: engine ready: model %s on %s, batches of up to %d images", os.getpid(),
-                     engine.loaded.describe(), engine.device, engine.batch_size)
+                     describe_model(engine.model_info), engine.device, engine.batch_size)
             _engine = engine
     return _engine
 

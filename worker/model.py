@@ -47,11 +47,6 @@ class LoadedModel:
     #: Random weights written by ``worker.random_model`` (tests, demos): its masks are meaningless.
     random: bool = False
 
-    def describe(self) -> str:
-        """One line for logs and pages: id, revision, precision, and a warning for random weights."""
-        warning = " - RANDOM demo weights: masks are meaningless" if self.random else ""
-        return f"{self.model_id} (revision {self.revision}, {self.precision}){warning}"
-
 
 def check_model_available(ref: str) -> tuple[str, bool]:
     """Cheaply check (one small file, no weights) that ``ref`` can be had; returns where to load

@@ -27,6 +27,13 @@ def model_reference(explicit: str | None = None) -> str:
     return explicit or settings.MODEL.get()
 
 
+def describe_model(info: dict) -> str:
+    """A model record (``MaskEngine.model_info``, a metadata record's ``model``) in one line for
+    logs and pages: id, revision, precision, and a warning for random weights."""
+    warning = " - RANDOM demo weights: masks are meaningless" if info.get("random") else ""
+    return f"{info.get('id', '?')} (revision {info.get('revision', '?')}, {info.get('precision', '?')}){warning}"
+
+
 def looks_like_path(ref: str) -> bool:
     return ref.startswith((".", "/", "~")) or ref.count("/") > 1
 

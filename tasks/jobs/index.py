@@ -1,6 +1,6 @@
 """The Redis index of jobs: small counters that a redelivery cannot inflate.
 
-Storage holds the job's record (``tasks/jobfiles.py``); Redis holds, per job, only what stays
+Storage holds the job's record (``tasks/jobs/files.py``); Redis holds, per job, only what stays
 small whatever the job's size, so that it can be lost and rebuilt (``clipmask resume``):
 
 - ``clipmask:job:{id}``        hash: source, dest, spec, queue, created_at, chunk_size, window, chunks and
@@ -9,7 +9,8 @@ small whatever the job's size, so that it can be lost and rebuilt (``clipmask re
                                and planner_beat while planning, succeeded / failed / skipped /
                                chunks_done, created_ts, planned_at, last_progress, healed_at
                                (epoch s), heals (chunks sent again since the last progress, how
-                               many times) and resent (the first of those chunks, JSON), then
+                               many times), resent (the first of those chunks, JSON) and
+                               resent_count (how many there were), then
                                finished_at and manifest
 - ``clipmask:job:{id}:done``   bitmap, one bit per chunk: set once, when its results are in storage
 - ``clipmask:jobs:active``     set of the ids of jobs without a manifest, for the healing check
@@ -178,7 +179,8 @@ class JobIndex:
         job's last progress."""
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self._key(job_id), mapping={"healed_at": time.time(),
-                                                  "resent": json.dumps(chunks[:RESENT_SHOWN])})
+                                                  "resent": json.dumps(chunks[:RESENT_SHOWN]),
+                                                  "resent_count": len(chunks)})
             pipe.hincrby(self._key(job_id), "heals", 1)
             pipe.execute()
 
@@ -252,7 +254,7 @@ def waiting_note(state: dict) -> str:
         return ""
     resent = state["resent"]
     what = (f"chunk{'s' if len(resent) > 1 else ''} {', '.join(map(str, resent))}"
-            f"{' and more' if len(resent) == RESENT_SHOWN else ''}" if resent else "its finishing step")
+            f"{' and more' if state['resent_count'] > len(resent) else ''}" if resent else "its finishing step")
     times = "once" if state["heals"] == 1 else f"{state['heals']} times"
     return f"no progress for {_duration(state['quiet_s'])}; {what} sent again {times}"
 
@@ -266,11 +268,13 @@ def _duration(seconds: float) -> str:
 def healing_state(data: dict) -> dict:
     """How long the job has gone without progress and what was sent again meanwhile:
     ``quiet_s`` (seconds since a chunk last finished, or since the job was created), ``heals``,
-    ``resent`` (the first chunks sent again; empty: the finishing step) and ``stuck``."""
+    ``resent`` (the first chunks sent again; empty: the finishing step), ``resent_count`` and
+    ``stuck``."""
     heals = int(data.get("heals") or 0)
     since = max(float(data.get(name) or 0) for name in ("created_ts", "last_progress"))
     quiet = round(time.time() - since, 1) if since and not data.get("manifest") else 0.0
     return {"quiet_s": quiet, "heals": heals, "resent": json.loads(data.get("resent") or "[]"),
+            "resent_count": int(data.get("resent_count") or 0),
             "stuck": heals >= STUCK_AFTER_HEALS}
 
 

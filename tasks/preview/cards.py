@@ -18,6 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from storage import URLReader
 from storage.layout import METADATA_SUFFIX
 from worker.codecs import to_rgb  # Pillow and numpy only: no torch
+from worker.model_source import describe_model  # no torch either
 
 #: Longest side of thumbnails and overlays, in pixels.
 THUMB_SIDE = 256
@@ -44,13 +45,7 @@ class Card:
     size: tuple[int, int] | None = None  # thumbnail size
     error: str | None = None
     note: str | None = None
-    model: str | None = None  # the model its mask came from (``model_label``)
-
-
-def model_label(model: dict) -> str:
-    """A record's ``model`` in a few words: id, revision and precision, and random weights said."""
-    label = f"{model.get('id', '?')} (revision {model.get('revision', '?')}, {model.get('precision', '?')})"
-    return label + (" - RANDOM demo weights: the masks are meaningless" if model.get("random") else "")
+    model: str | None = None  # the model its mask came from (``describe_model``)
 
 
 def _open_image(data: bytes, side: int, what: str) -> tuple[Image.Image, tuple[int, int]]:
@@ -122,7 +117,7 @@ def draw_card(number: int, row: dict, reader: URLReader, out_dir: Path, summary:
         card.coverage = float(meta["coverage"]) if meta.get("coverage") is not None else None
         card.prompts = [str(p) for p in meta.get("prompts") or []]
         card.negative_prompts = [str(p) for p in meta.get("negative_prompts") or []]
-        card.model = model_label(meta["model"]) if isinstance(meta.get("model"), dict) else None
+        card.model = describe_model(meta["model"]) if isinstance(meta.get("model"), dict) else None
         stage = "image"
         image, full = thumbnail(reader.read(source or meta["source"]), side)
         stage = "mask"
