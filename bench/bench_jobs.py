@@ -14,7 +14,17 @@ N empty ``.jpg`` files (1,000 per sub-folder, made once under ``bench/.cache/``)
 No image is masked: the figures are the job layer's own. clipmask's own limits are printed beside
 each figure (PASS/MISS, informational).
 
+``--listing`` measures S3 listing instead, at a real round trip: ``bench/s3_lite.py`` in a process
+of its own adds ``--rtt-ms`` (30) to every request and holds ``--listing-keys`` (10^5) empty keys
+under ``--listing-prefixes`` (16) sub-prefixes of the source. In one run, best of ``--repeat``:
+``S3Store.list`` over the source one page after another (``list_concurrency=1``) and side by side
+(the default), and boto3's own paginator as listing was before ``storage/listing.py``: keys/s,
+the client's CPU per 1,000 keys, requests and the most in flight; then the whole planning step,
+``submit_job`` in this process until the job is planned (its own redis-server; plans written to a
+local folder, so that the source's listing is what differs), with each listing.
+
 Usage: .venv/bin/python bench/bench_jobs.py [--sizes 100000 1000000] [--small-chunk 8]
+       .venv/bin/python bench/bench_jobs.py --listing [--listing-keys 100000] [--listing-prefixes 16] [--rtt-ms 30]
 """
 
 from __future__ import annotations
@@ -161,13 +171,135 @@ def verdict(name: str, value: float) -> str:
     return f"{'PASS' if ok else 'MISS'} ({op} {bound:,})"
 
 
+def fill_lite(server, bucket: str, keys: list[str]) -> None:
+    """Make ``bucket`` with ``keys`` (empty) on an s3_lite server at once."""
+    import urllib.request
+
+    body = json.dumps({"bucket": bucket, "keys": keys}).encode()
+    with urllib.request.urlopen(urllib.request.Request(server.endpoint + "/_fill", data=body, method="POST"),
+                                timeout=60) as response:
+        response.read()
+
+
+def timed_listing(list_keys, repeat: int) -> tuple[float, float, int]:
+    """Best of ``repeat`` runs of ``list_keys()`` (an iterable of keys): (seconds, CPU seconds of
+    this process, keys)."""
+    best = (float("inf"), 0.0, 0)
+    for _ in range(repeat):
+        started, cpu = time.perf_counter(), time.process_time()
+        count = sum(1 for _ in list_keys())
+        best = min(best, (time.perf_counter() - started, time.process_time() - cpu, count))
+    return best
+
+
+def bench_listing(n: int, prefixes: int, rtt_ms: float, repeat: int, chunk: int, workdir: Path) -> dict:
+    from bench.s3_lite import LiteServer
+    from storage.listing import LIST_CONCURRENCY
+    from storage.s3 import S3Store
+    from tests.services import s3_test_env
+
+    bucket, root = "bench-listing", "src/"
+    keys = [f"{root}p{i * prefixes // n:03d}/k{i:08d}.jpg" for i in range(n)]
+    server = LiteServer(rtt_ms)
+    os.environ.update(s3_test_env(server.endpoint))
+    figures: dict = {"keys": n, "sub_prefixes": prefixes, "rtt_ms": rtt_ms, "concurrency": LIST_CONCURRENCY}
+    try:
+        fill_lite(server, bucket, keys)
+        parallel, sequential = S3Store(bucket, root), S3Store(bucket, root, list_concurrency=1)
+        client = sequential._s3()
+
+        def boto3_paginator():  # S3Store.list before storage/listing.py
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=root):
+                for item in page.get("Contents", ()):
+                    if not item["Key"].endswith("/"):
+                        yield item["Key"]
+
+        print(f"listing {n:,} keys under {prefixes} sub-prefixes, {rtt_ms:g} ms a request, best of {repeat}",
+              flush=True)
+        rows = [("before", "one page after another, boto3's paginator (before)", boto3_paginator),
+                ("sequential", "one page after another (list_concurrency=1)", sequential.list),
+                ("parallel", f"side by side (list_concurrency={LIST_CONCURRENCY})", parallel.list)]
+        for name, label, list_keys in rows:
+            server.stats(reset=True)
+            seconds, cpu, count = timed_listing(list_keys, repeat)
+            stats = server.stats()
+            if count != n:
+                raise RuntimeError(f"{label}: listed {count} keys of {n}")
+            requests = stats["counts"].get("GET", 0) // repeat
+            figures[name] = {"s": round(seconds, 3), "keys_per_s": round(n / seconds),
+                             "cpu_ms_per_1000_keys": round(cpu / n * 1e6, 2), "requests": requests,
+                             "max_in_flight": stats["max_in_flight"]}
+            print(f"  {label:52} {seconds:6.2f}s {n / seconds:>10,.0f} keys/s  CPU {cpu / n * 1e6:5.2f} ms/1000 keys"
+                  f"  {requests} requests, at most {stats['max_in_flight']} in flight", flush=True)
+        figures["parallel_vs_sequential"] = round(figures["sequential"]["s"] / figures["parallel"]["s"], 2)
+        print(f"  side by side / one after another: {figures['parallel_vs_sequential']}x  (target >= 5x)")
+
+        figures["planning"] = bench_planning(bucket, root, n, chunk, workdir)
+        plan = figures["planning"]
+        figures["planning_parallel_vs_sequential"] = round(plan["sequential"]["s"] / plan["parallel"]["s"], 2)
+        print(f"  planning, side by side / one after another: {figures['planning_parallel_vs_sequential']}x")
+    finally:
+        server.stop()
+    return figures
+
+
+def bench_planning(bucket: str, root: str, n: int, chunk: int, workdir: Path) -> dict:
+    """``submit_job`` in this process until the job is planned, the source listed each way."""
+    from storage import open_store
+    from tasks.jobs import planning
+    from worker.spec import MaskSpec
+
+    figures = {}
+    with RedisServer(workdir=str(workdir)).start() as server:
+        os.environ.update(CELERY_BROKER_URL=server.url, CELERY_RESULT_BACKEND=server.url, CLIPMASK_QUEUE="bench")
+        client = redis.Redis.from_url(server.url)
+        for name, concurrency in (("sequential", 1), ("parallel", None)):
+            options = {} if concurrency is None else {"list_concurrency": concurrency}
+
+            def opened(url, options=options, **more):
+                return open_store(url, **options, **more) if str(url).startswith("s3://") else open_store(url, **more)
+
+            client.flushall()
+            planning.open_store, dest = opened, workdir / f"plans-{name}"
+            try:
+                started = time.perf_counter()
+                job_id = planning.submit_job(f"s3://{bucket}/{root}", str(dest), MaskSpec(prompts=("cat",)),
+                                             chunk_size=chunk)
+                seconds = time.perf_counter() - started
+            finally:
+                planning.open_store = open_store
+            planned = json.loads((dest / "_jobs" / job_id / "planned.json").read_text())
+            if planned["total"] != n:
+                raise RuntimeError(f"planned {planned['total']} keys of {n}")
+            figures[name] = {"s": round(seconds, 2), "keys_per_s": round(n / seconds), "chunks": planned["chunks"]}
+            print(f"  planning (submit_job until planned, chunks of {chunk}), {name:10} {seconds:6.2f}s "
+                  f"{n / seconds:>10,.0f} keys/s", flush=True)
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--small-chunk", type=int, default=8)
-    parser.add_argument("--json", type=Path, default=BENCH_DIR / "results" / "jobs.json")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="where the figures go (default bench/results/jobs.json, with --listing listing.json)")
+    parser.add_argument("--listing", action="store_true", help="measure S3 listing at a round trip instead")
+    parser.add_argument("--listing-keys", type=int, default=100_000)
+    parser.add_argument("--listing-prefixes", type=int, default=16)
+    parser.add_argument("--rtt-ms", type=float, default=30.0)
+    parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
+    if args.listing:
+        with tempfile.TemporaryDirectory(prefix="clipmask-bench-listing-") as tmp:
+            figures = bench_listing(args.listing_keys, args.listing_prefixes, args.rtt_ms, args.repeat,
+                                    args.chunk_size, Path(tmp))
+        print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores; {' '.join(sys.argv)}")
+        path = args.json or BENCH_DIR / "results" / "listing.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(figures, indent=2) + "\n")
+        return
+    args.json = args.json or BENCH_DIR / "results" / "jobs.json"
     model = BENCH_DIR / ".cache" / "tiny"
     if not (model / "config.json").exists():
         subprocess.run([PYTHON, "-m", "worker.random_model", str(model), "--shape", "tiny"], cwd=REPO, check=True)

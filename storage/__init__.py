@@ -35,8 +35,8 @@ __all__ = [
 def open_store(url: str | os.PathLike[str], **options: Any) -> ObjectStore:
     """Return the store rooted at ``url`` (see :func:`parse_url` for the forms).
 
-    ``options`` go to the backend (S3Store: ``max_attempts``, ``part_size``;
-    LocalStore: ``spill_names``). Raises
+    ``options`` go to the backend (S3Store: ``max_attempts``, ``part_size``,
+    ``list_concurrency``; LocalStore: ``spill_names``). Raises
     ValueError for an unsupported or malformed URL, TypeError for an unknown
     option. Opening does no I/O, so a missing bucket or directory is only
     noticed when used.

@@ -1,6 +1,7 @@
-"""Exceptions of the storage layer and translation of botocore errors.
+"""Exceptions of the storage layer and translation of the S3 clients' errors (botocore's and
+obstore's).
 
-Backends raise Python's own exceptions so callers need not know boto:
+Backends raise Python's own exceptions so callers need not know their clients:
 
 - missing key or bucket           -> FileNotFoundError
 - access denied, bad credentials  -> PermissionError
@@ -8,7 +9,10 @@ Backends raise Python's own exceptions so callers need not know boto:
   response body cut off mid-stream (botocore's ResponseStreamingError,
   IncompleteReadError, ReadTimeoutError, or urllib3's ProtocolError and
   other urllib3 HTTPErrors that escape botocore)
-- anything else from botocore     -> StorageError (an OSError)
+- anything else                   -> StorageError (an OSError)
+
+obstore gives the HTTP status only in its message ("... status code: 503 Service Unavailable"),
+and a connection, timeout or cut body as an "HTTP error": both are read from the message.
 
 The original exception is always kept as ``__cause__``.
 """
@@ -16,11 +20,13 @@ The original exception is always kept as ``__cause__``.
 from __future__ import annotations
 
 import errno
+import re
 
 from botocore import exceptions as boto_errors
+from obstore import exceptions as obstore_errors
 from urllib3 import exceptions as urllib3_errors
 
-__all__ = ["StorageError", "is_transient", "translate_s3_error"]
+__all__ = ["OBSTORE_ERRORS", "StorageError", "is_transient", "translate_obstore_error", "translate_s3_error"]
 
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404"})
 _DENIED_CODES = frozenset({
@@ -39,6 +45,13 @@ _TRANSIENT_BOTO_ERRORS = (
     boto_errors.IncompleteReadError,
     urllib3_errors.HTTPError,  # ProtocolError ("Connection broken"), urllib3's ReadTimeoutError, ...
 )
+
+
+#: The HTTP status in an obstore error message, and the mark of a request that got no answer.
+_OBSTORE_STATUS = re.compile(r"status code: (\d{3})")
+_OBSTORE_NO_ANSWER = "HTTP error"
+#: What obstore raises: its own errors, and Python's for a missing object or a denied request.
+OBSTORE_ERRORS = (obstore_errors.BaseError, FileNotFoundError, PermissionError)
 
 
 class StorageError(OSError):
@@ -83,3 +96,31 @@ def _error_details(err: boto_errors.ClientError) -> tuple[str, int, str]:
     error = err.response.get("Error", {})
     status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
     return str(error.get("Code", "")), int(status or 0), str(error.get("Message", ""))
+
+
+def translate_obstore_error(err: Exception, url: str) -> OSError:
+    """Return the Python exception that stands for obstore error ``err`` on ``url`` (raise it
+    ``from err``); its message is obstore's first paragraph, without the debug dump."""
+    message = _obstore_message(str(err))
+    match = _OBSTORE_STATUS.search(message)
+    status = int(match.group(1)) if match else 0
+    if isinstance(err, (FileNotFoundError, obstore_errors.NotFoundError)) or status == 404:
+        return FileNotFoundError(errno.ENOENT, message, url)
+    denied = (PermissionError, obstore_errors.PermissionDeniedError, obstore_errors.UnauthenticatedError)
+    if isinstance(err, denied) or status in (401, 403):
+        return PermissionError(errno.EACCES, message, url)
+    if status == 429 or status >= 500 or (not status and _OBSTORE_NO_ANSWER in message):
+        return ConnectionError(f"{url}: {message}")
+    return StorageError(f"{url}: {message}")
+
+
+def _obstore_message(text: str) -> str:
+    """obstore's message without its debug dump, and S3's XML error body as "(Code: Message)"."""
+    message, _, body = text.split("\n\nDebug source:")[0].partition(": <?xml")
+    code, detail = _xml_field("Code", body), _xml_field("Message", body)
+    return f"{message.strip()} ({code}: {detail})" if code else message.strip()
+
+
+def _xml_field(name: str, xml: str) -> str:
+    match = re.search(f"<{name}>(.*?)</{name}>", xml, re.DOTALL)
+    return match.group(1).strip() if match else ""

@@ -2,21 +2,21 @@
 
 Endpoint, credentials and region come only from boto3's own configuration
 (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_DEFAULT_REGION,
-config files, ...). The boto3 client is created lazily, once per process for
-the same settings and environment, and shared by every store (``shared_client``);
-it is thread-safe, so stores may be shared by many threads.
+config files, ...). Single objects are read, written and checked with
+obstore, which costs a quarter of boto3's CPU per request and waits with the
+GIL released; listing, deleting and multipart uploads go through boto3. Both clients are
+made lazily, once per process for the same settings and environment, and
+shared by every store (``storage.s3_clients``); they are thread-safe, so stores
+may be shared by many threads.
 
 Retries happen in layers, each failure in exactly one of them:
 
-1. botocore's standard retry mode (``max_attempts``, default 5 attempts in
-   all, exponential back-off with jitter) retries every request: throttling
-   (503 SlowDown, 429), other 5xx, connection errors, and a response cut off
-   while botocore reads it itself (every response but GetObject's body).
-2. ``read_bytes`` retries the whole GET when the object's body stream is cut
-   after the headers arrived, which botocore does not retry: STREAM_ATTEMPTS
-   GETs in all, after 0.2, 0.4, 0.8 s; then ConnectionError.
-3. Callers above storage never retry one storage call again: a
-   ConnectionError means these budgets are spent. They may retry a whole
+1. The client retries every request, ``max_attempts`` attempts in all (default
+   5, exponential back-off with jitter): throttling (503 SlowDown, 429), other
+   5xx, connection errors and timeouts, and a response cut off mid-body (for
+   GETs too: obstore reads the body again).
+2. Callers above storage never retry one storage call again: a
+   ConnectionError means this budget is spent. They may retry a whole
    unit of work later.
 
 ``write_stream`` uploads in parts of ``part_size`` (PART_SIZE, 8 MiB) with a
@@ -29,69 +29,64 @@ error, and retrying its unit of work writes the same object again.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
-import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-import boto3
+import obstore
 from botocore import exceptions as boto_errors
-from botocore.config import Config
 from urllib3 import exceptions as urllib3_errors
 
 from storage.base import ObjectStore, check_chunks, check_data, check_key, check_prefix, check_start_after
-from storage.errors import translate_s3_error
+from storage.errors import OBSTORE_ERRORS, translate_obstore_error, translate_s3_error
+from storage.listing import LIST_CONCURRENCY, Page, list_page, parallel_keys, sequential_keys
+from storage.s3_clients import shared_client, shared_data_store
 
-__all__ = ["MIN_PART_SIZE", "PART_SIZE", "STREAM_ATTEMPTS", "S3Store"]
+__all__ = ["MIN_PART_SIZE", "PART_SIZE", "S3Store"]
 
 #: Part size of write_stream's multipart uploads.
 PART_SIZE = 8 * 1024 * 1024
 #: S3's smallest part (all parts but the last) and largest.
 MIN_PART_SIZE = 5 * 1024 * 1024
 MAX_PART_SIZE = 5 * 1024 ** 3
-#: Connections a client keeps open for reuse: more than the requests a process sends at once
-#: (its storage threads, CLIPMASK_S3_CONCURRENCY, 400 by default); opened only as they are needed.
-MAX_CONNECTIONS = 1024
-#: GETs read_bytes makes in all while an object's body stream is cut, and the first back-off.
-STREAM_ATTEMPTS = 4
-STREAM_BACKOFF_S = 0.2
 
 # urllib3's own errors can escape botocore while a streamed body is read.
 _BOTO_ERRORS = (boto_errors.ClientError, boto_errors.BotoCoreError, urllib3_errors.HTTPError)
-_STREAM_ERRORS = (
-    boto_errors.ResponseStreamingError,  # urllib3 ProtocolError: connection broken mid-body
-    boto_errors.IncompleteReadError,  # fewer bytes than Content-Length
-    boto_errors.ReadTimeoutError,
-    urllib3_errors.HTTPError,
-)
 
 
 class S3Store(ObjectStore):
     """Objects stored under ``prefix`` in ``bucket``.
 
-    ``max_attempts`` is botocore's standard-mode budget of attempts per
-    request, the first included (1 = no retry);
-    ``part_size`` the part size of write_stream's multipart uploads.
+    ``max_attempts`` is the clients' budget of attempts per request, the
+    first included (1 = no retry);
+    ``part_size`` the part size of write_stream's multipart uploads;
+    ``list_concurrency`` the listing requests ``list`` keeps in flight at most
+    (``storage/listing.py``; 1 lists one page after another).
     """
 
     def __init__(self, bucket: str, prefix: str = "", *, max_attempts: int = 5,
-                 part_size: int = PART_SIZE) -> None:
+                 part_size: int = PART_SIZE, list_concurrency: int = LIST_CONCURRENCY) -> None:
         """Raises ValueError if ``bucket`` is empty, ``prefix`` is invalid,
-        max_attempts < 1 or ``part_size`` is outside S3's part sizes (5 MiB to 5 GiB)."""
+        max_attempts < 1, ``part_size`` is outside S3's part sizes (5 MiB to 5 GiB)
+        or list_concurrency < 1."""
         if not bucket:
             raise ValueError("S3Store needs a bucket name")
         if prefix:
             check_prefix(prefix)
         _check_limits(max_attempts, part_size)
+        if list_concurrency < 1:
+            raise ValueError(f"list_concurrency must be at least 1, got {list_concurrency}")
         self.part_size = part_size
+        self.list_concurrency = list_concurrency
         self._bucket = bucket
         self._prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
         self._max_attempts = max_attempts
         self._lock = threading.Lock()
-        self._client: Any = None
-        self._client_pid = 0
+        # (pid, client) of the process that made them: a forked child makes its own.
+        self._client: tuple[int, Any] | None = None
+        self._data_store: tuple[int, Any] | None = None
 
     @property
     def url(self) -> str:
@@ -102,37 +97,17 @@ class S3Store(ObjectStore):
         return self.url + check_key(key)
 
     def read_bytes(self, key: str) -> bytes:
-        """Return the object's content, GETting it again while its body stream is cut.
+        """Return the object's content (its GET is sent again while the body is cut off).
 
         Raises FileNotFoundError (missing key or bucket), PermissionError,
-        ConnectionError (transient, also after STREAM_ATTEMPTS cut GETs) or
-        StorageError.
+        ConnectionError (transient) or StorageError.
         """
         url = self.url_for(key)
+        data = self._data(url)
         try:
-            return self._get_with_retries(self._prefix + key)
-        except _BOTO_ERRORS as err:
-            raise translate_s3_error(err, url) from err
-
-    def _get_with_retries(self, full_key: str) -> bytes:
-        """GET ``full_key``: STREAM_ATTEMPTS GETs at most, with back-off, while the body is cut.
-
-        Raises the last GET's streaming error, or any other error at once
-        (botocore has retried the request itself).
-        """
-        for attempt in range(STREAM_ATTEMPTS - 1):
-            body = self._get_body(full_key)
-            try:
-                with body:
-                    return body.read()
-            except _STREAM_ERRORS:
-                time.sleep(STREAM_BACKOFF_S * 2 ** attempt)
-        with self._get_body(full_key) as body:
-            return body.read()
-
-    def _get_body(self, full_key: str) -> Any:
-        """Send a GET for ``full_key`` and return its unread streaming body."""
-        return self._s3().get_object(Bucket=self._bucket, Key=full_key)["Body"]
+            return bytes(obstore.get(data, self._prefix + key).bytes())
+        except OBSTORE_ERRORS as err:
+            raise translate_obstore_error(err, url) from err
 
     def write_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
         """Create or replace the object, with ``content_type`` if given.
@@ -142,11 +117,12 @@ class S3Store(ObjectStore):
         """
         url = self.url_for(key)
         body = check_data(data)
+        attributes = {"Content-Type": content_type} if content_type else None
+        data = self._data(url)
         try:
-            self._s3().put_object(Bucket=self._bucket, Key=self._prefix + key, Body=body,
-                                  **_content_type_args(content_type))
-        except _BOTO_ERRORS as err:
-            raise translate_s3_error(err, url) from err
+            obstore.put(data, self._prefix + key, body, attributes=attributes, use_multipart=False)
+        except OBSTORE_ERRORS as err:
+            raise translate_obstore_error(err, url) from err
 
     def write_stream(self, key: str, chunks: Iterable[bytes], content_type: str | None = None) -> int:
         """Create or replace the object from ``chunks``; return the bytes written.
@@ -177,7 +153,7 @@ class S3Store(ObjectStore):
         Raises FileNotFoundError (missing bucket), PermissionError, ConnectionError (transient) or StorageError.
         """
         url = self.url_for(key)
-        try:
+        try:  # boto3's: obstore deletes with DeleteObjects, which not every S3-compatible service has
             self._s3().delete_object(Bucket=self._bucket, Key=self._prefix + key)
         except _BOTO_ERRORS as err:
             raise translate_s3_error(err, url) from err
@@ -188,23 +164,26 @@ class S3Store(ObjectStore):
         Raises PermissionError, ConnectionError (transient) or StorageError.
         """
         url = self.url_for(key)
+        data = self._data(url)
         try:
-            self._s3().head_object(Bucket=self._bucket, Key=self._prefix + key)
-        except boto_errors.ClientError as err:
-            if _http_status(err) == 404:
+            obstore.head(data, self._prefix + key)
+        except OBSTORE_ERRORS as err:
+            error = translate_obstore_error(err, url)
+            if isinstance(error, FileNotFoundError):
                 return False
-            raise translate_s3_error(err, url) from err
-        except boto_errors.BotoCoreError as err:
-            raise translate_s3_error(err, url) from err
+            raise error from err
         return True
 
     def list(self, prefix: str = "", start_after: str | None = None) -> Iterator[str]:
-        """Yield keys starting with ``prefix`` (and greater than ``start_after``), sorted, page by page.
+        """Yield keys starting with ``prefix`` (and greater than ``start_after``), in S3's order.
 
-        Keys ending in "/" (directory placeholders) are skipped. Raises
-        ValueError for a bad prefix and TypeError for a non-str start_after
-        (at call time); while iterating, FileNotFoundError for a missing
-        bucket, PermissionError, ConnectionError (transient) or StorageError.
+        Where the prefix has sub-prefixes they are listed side by side, up to
+        ``list_concurrency`` requests in flight, and merged back into key order
+        (``storage/listing.py``); else page by page. Keys ending in "/" (directory
+        placeholders) are skipped. Raises ValueError for a bad prefix and TypeError
+        for a non-str start_after (at call time); while iterating, FileNotFoundError
+        for a missing bucket, PermissionError, ConnectionError (transient) or
+        StorageError, after the keys that come before the page that failed.
         """
         check_prefix(prefix)
         after = check_start_after(start_after)
@@ -213,85 +192,56 @@ class S3Store(ObjectStore):
     def _iter_keys(self, full_prefix: str, full_start_after: str) -> Iterator[str]:
         """Yield keys (relative to the store root) of objects under ``full_prefix``."""
         start = len(self._prefix)
+        if self.list_concurrency == 1:
+            keys = sequential_keys(self._list_page, full_prefix, full_start_after)
+        else:
+            keys = parallel_keys(self._list_page, full_prefix, full_start_after, self.list_concurrency)
         try:
-            for page in self._pages(full_prefix, full_start_after):
-                for item in page.get("Contents", ()):
-                    if not item["Key"].endswith("/"):
-                        yield item["Key"][start:]
+            for key in keys:
+                yield key[start:]
         except _BOTO_ERRORS as err:
             raise translate_s3_error(err, self.url + full_prefix[start:]) from err
+        finally:
+            keys.close()
 
-    def _pages(self, full_prefix: str, full_start_after: str) -> Iterator[dict]:
-        """Return list_objects_v2 result pages for ``full_prefix``, after ``full_start_after`` if set."""
-        paginator = self._s3().get_paginator("list_objects_v2")
-        after = {"StartAfter": full_start_after} if full_start_after else {}
-        return iter(paginator.paginate(Bucket=self._bucket, Prefix=full_prefix, **after))
+    def _list_page(self, full_prefix: str, full_start_after: str, token: str | None, delimited: bool) -> Page:
+        """One ListObjectsV2 page of ``full_prefix`` (boto3's errors untranslated)."""
+        return list_page(self._s3(), self._bucket, full_prefix, full_start_after, token, delimited)
 
     def _s3(self) -> Any:
         """Return this process's boto3 S3 client, creating it on first use."""
-        pid = os.getpid()
-        if self._client is None or self._client_pid != pid:
-            with self._lock:
-                if self._client is None or self._client_pid != pid:
-                    self._client = self._new_client()
-                    self._client_pid = pid
-        return self._client
+        return self._per_process("_client", lambda: shared_client(self._max_attempts))
 
-    def _new_client(self) -> Any:
-        return shared_client(self._max_attempts)
+    def _data(self, url: str) -> Any:
+        """This process's obstore store of the bucket (made on first use, then shared); a missing
+        credential is a PermissionError naming ``url``."""
+        try:
+            return self._per_process("_data_store", lambda: shared_data_store(self._bucket, self._max_attempts))
+        except PermissionError as err:
+            raise PermissionError(errno.EACCES, str(err), url) from err
+
+    def _per_process(self, attribute: str, make: Callable[[], Any]) -> Any:
+        """The client this store holds in ``attribute`` for this process, from ``make()`` on first use
+        (a store keeps its clients when the ``AWS_*`` environment changes; a store opened after
+        gets the clients of the new one)."""
+        pid = os.getpid()
+        held = getattr(self, attribute)
+        if held is None or held[0] != pid:
+            with self._lock:
+                held = getattr(self, attribute)
+                if held is None or held[0] != pid:
+                    held = (pid, make())
+                    setattr(self, attribute, held)
+        return held[1]
 
     def __getstate__(self) -> dict:
         """Pickle without the client and lock (recreated lazily after unpickling)."""
         state = self.__dict__.copy()
-        state.update(_client=None, _client_pid=0, _lock=None)
+        state.update(_client=None, _data_store=None, _lock=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _lock=threading.Lock())
-
-
-#: The process's S3 clients, most recently used last (``shared_client``).
-_CLIENTS: OrderedDict[tuple, Any] = OrderedDict()
-_CLIENTS_LOCK = threading.Lock()
-#: Clients kept for distinct settings (a long-lived process has one or two).
-_CLIENTS_KEPT = 8
-
-
-def shared_client(max_attempts: int) -> Any:
-    """This process's boto3 S3 client for ``max_attempts`` and the current ``AWS_*`` environment
-    (endpoint, credentials, region), made on first use and then shared by every store: a client is
-    thread-safe, and making one costs 60-190 ms of CPU, with the GIL held (botocore loads and
-    parses the service's model), which each chunk task and each offload request would otherwise
-    pay for its stores."""
-    key = (os.getpid(), max_attempts, tuple(sorted(item for item in os.environ.items() if item[0].startswith("AWS_"))))
-    with _CLIENTS_LOCK:
-        client = _CLIENTS.get(key)
-        if client is None:
-            config = Config(
-                # total_max_attempts counts the first request too; Config's "max_attempts" would not.
-                retries={"mode": "standard", "total_max_attempts": max_attempts},
-                max_pool_connections=MAX_CONNECTIONS,
-            )
-            client = _CLIENTS[key] = boto3.session.Session().client("s3", config=config)
-            while len(_CLIENTS) > _CLIENTS_KEPT:
-                _CLIENTS.popitem(last=False)
-        _CLIENTS.move_to_end(key)
-        return client
-
-
-def _forget_clients_in_child() -> None:
-    """After a fork: the parent's clients (their connections) and lock are not this process's."""
-    global _CLIENTS_LOCK
-    _CLIENTS.clear()
-    _CLIENTS_LOCK = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_clients_in_child)
-
-
-def _http_status(err: boto_errors.ClientError) -> int:
-    """Return the HTTP status code of an S3 error response (0 if unknown)."""
-    return int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
 
 
 def _check_limits(max_attempts: int, part_size: int) -> None:

@@ -13,11 +13,13 @@ import pickle
 import random
 import sys
 import types
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import boto3
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ResponseStreamingError
+from obstore.exceptions import GenericError
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
 from storage import (
@@ -31,9 +33,9 @@ from storage import (
     parse_url,
     split_object_url,
 )
-from storage.errors import translate_s3_error
+from storage.errors import OBSTORE_ERRORS, translate_obstore_error, translate_s3_error
 from storage.s3 import MIN_PART_SIZE
-from tests.services import MotoServer, free_port
+from tests.services import FaultyProxy, MotoServer, free_port
 
 S3_ROOT = "root/prefix/"
 
@@ -98,10 +100,12 @@ def test_missing_key_read_raises_file_not_found(store):
     # Given an empty store, When a missing key is read
     with pytest.raises(FileNotFoundError) as info:
         store.read_bytes("missing/key.jpg")
-    # Then the error names the key's URL, and S3 keeps boto's error as cause
+    # Then the error names the key's URL, and S3 names S3's error code and keeps the client's
+    # error as cause
     assert store.url_for("missing/key.jpg") in str(info.value)
     if is_s3(store):
-        assert isinstance(info.value.__cause__, ClientError)
+        assert "NoSuchKey" in str(info.value) and "Debug source" not in str(info.value)
+        assert isinstance(info.value.__cause__, OBSTORE_ERRORS)
 
 
 def test_key_below_a_file_is_not_found(store):
@@ -252,6 +256,85 @@ def test_list_after_none_lists_everything(filled):
 def test_list_after_a_non_str_is_rejected_at_call_time(store):
     with pytest.raises(TypeError, match="start_after"):
         store.list(start_after=b"a")
+
+
+# --- listing a tree: S3 lists sub-prefixes side by side and merges them back in key order ----
+
+#: Direct keys beside sub-prefixes that sort around them ("a-b.jpg" < "a.jpg" < "a/..." < "a0.jpg"),
+#: deeper levels, a level of one sub-prefix, 40 small sub-prefixes, and 2 sub-prefixes of more
+#: than one S3 page (1,000 keys) each.
+TREE = sorted(["a-b.jpg", "a.jpg", "a/c.jpg", "a/d-e.jpg", "a/d/e.jpg", "a/d/f/g.jpg", "a0.jpg", "a0/x.jpg", "b.jpg",
+               "b/x.jpg", "ba/z.jpg", "deep/1/2/3/4.jpg", "one/only/x/1.jpg", "one/only/x/2.jpg", "z"]
+              + [f"u/{user:03d}/p.jpg" for user in range(40)]
+              + [f"big/{shard}/{n:04d}.png" for shard in range(2) for n in range(1001)])
+#: start_after before, between and inside sub-prefixes (also deep inside, and a sub-prefix
+#: itself), at page boundaries, and past the end; the whole tree is listed after fewer of them
+#: (on moto, each listing of it takes about a second).
+AFTERS_UNDER = ["a-b.jpg", "a/", "a/d", "a/d-", "a/d/", "a/d/f/g.jpg", "a0", "big/", "big/0/0999.png", "big/0/1000.png",
+                "big/1", "big/1/", "u/020/", "u/020/p.jpg", "one/only/x/1.jpg", "zz"]
+AFTERS_ALL = ["a/d", "a0", "big/0/0999.png", "big/1", "u/020/", "one/only/x/1.jpg", "zz"]
+
+
+@pytest.fixture(scope="module", params=["local", "s3"])
+def tree(request, tmp_path_factory) -> ObjectStore:
+    """A store holding TREE, written once for the module (S3: its own bucket on moto)."""
+    if request.param == "local":
+        store = open_store(tmp_path_factory.mktemp("tree"))
+    else:
+        request.getfixturevalue("s3_env")
+        bucket = f"tree-{uuid.uuid4().hex[:16]}"
+        boto3.session.Session().client("s3").create_bucket(Bucket=bucket)
+        store = open_store(f"s3://{bucket}/{S3_ROOT}")
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        list(pool.map(lambda key: store.write_bytes(key, b"."), TREE))
+    return store
+
+
+def listed(store: ObjectStore, prefix: str = "", after: str = "") -> tuple:
+    """What ``store`` lists under ``prefix`` after ``after``, labelled for an assertion's message."""
+    return getattr(store, "list_concurrency", "local"), prefix, after, list(store.list(prefix, start_after=after))
+
+
+def under(prefix: str, after: str) -> list[str]:
+    return [key for key in TREE if key.startswith(prefix) and key > after]
+
+
+def test_list_of_a_tree_is_in_key_order_from_any_start(tree):
+    # (on S3, also one page after another and two requests at a time, after fewer bounds)
+    for store, afters in [(tree, ["", *AFTERS_ALL]), *(
+            (open_store(tree.url, list_concurrency=concurrency), ["", "a/d", "big/0/0999.png", "u/020/"])
+            for concurrency in (1, 2) if is_s3(tree))]:
+        for after in afters:
+            label = getattr(store, "list_concurrency", "local")
+            assert listed(store, "", after) == (label, "", after, under("", after))
+
+
+@pytest.mark.parametrize("prefix", ["a", "a/", "big/", "big/1/", "one/", "u/", "u/01"])
+def test_list_of_a_tree_under_a_prefix_from_any_start(tree, prefix):
+    label = getattr(tree, "list_concurrency", "local")
+    for after in ["", *(after for after in AFTERS_UNDER if after[:1] == prefix[:1])]:
+        assert listed(tree, prefix, after) == (label, prefix, after, under(prefix, after))
+
+
+def test_s3_listing_requests_overlap(s3_bucket, moto_server, monkeypatch):
+    # Given keys under several sub-prefixes, and S3 behind a proxy that holds every request 0.2 s
+    store = open_store(f"s3://{s3_bucket}/{S3_ROOT}")
+    keys = [f"shard{shard}/{n:02d}.jpg" for shard in range(6) for n in range(20)]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(lambda key: store.write_bytes(key, b"."), keys))
+    for concurrency, overlapped in ((None, True), (1, False)):
+        with FaultyProxy(moto_server.endpoint, slowdown=0, drop=0, delay_s=0.2) as proxy:
+            monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)
+            options = {} if concurrency is None else {"list_concurrency": concurrency}
+            # When they are listed, Then they come back in order, with requests in flight
+            # together (side by side, the default) or one at a time (list_concurrency=1)
+            assert list(open_store(store.url, **options).list()) == keys
+            assert (proxy.max_in_flight > 1) is overlapped, vars(proxy)
+
+
+def test_s3_list_concurrency_below_one_is_rejected():
+    with pytest.raises(ValueError, match="list_concurrency"):
+        open_store("s3://b/p", list_concurrency=0)
 
 
 @contextlib.contextmanager
@@ -530,7 +613,7 @@ def test_s3_missing_bucket_is_not_found(s3_env):
     with pytest.raises(FileNotFoundError, match="no-such-bucket-clipmask") as info:
         list(store.list())
     assert isinstance(info.value.__cause__, ClientError)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="NoSuchBucket"):
         store.read_bytes("k")
     assert store.exists("k") is False
 
@@ -558,6 +641,10 @@ def test_s3_unreachable_endpoint_raises_transient_connection_error(s3_env, monke
     with pytest.raises(ConnectionError) as info:
         store.read_bytes("k")
     assert is_transient(info.value)
+    assert isinstance(info.value.__cause__, OBSTORE_ERRORS)
+    # And so is a listing (boto3's request)
+    with pytest.raises(ConnectionError) as info:
+        list(store.list())
     assert isinstance(info.value.__cause__, EndpointConnectionError)
 
 
@@ -579,7 +666,7 @@ def test_s3_unknown_credentials_raise_permission_error(s3_env, auth_moto, monkey
         with pytest.raises(PermissionError) as info:
             use()
         assert not is_transient(info.value)
-        assert isinstance(info.value.__cause__, ClientError)
+        assert isinstance(info.value.__cause__, (ClientError, *OBSTORE_ERRORS))
 
 
 @pytest.mark.parametrize("error", [
@@ -591,6 +678,22 @@ def test_cut_response_streams_translate_to_transient_connection_error(error):
     translated = translate_s3_error(error, "s3://b/k")
     assert isinstance(translated, ConnectionError) and is_transient(translated)
     assert "s3://b/k" in str(translated)
+
+
+@pytest.mark.parametrize(("text", "kind"), [
+    ("Generic S3 error: Error performing PUT http://h/b/k in 3ms, after 4 retries - Server returned non-2xx "
+     "status code: 503 Service Unavailable: <?xml version=\"1.0\"?><Error><Code>SlowDown</Code>"
+     "<Message>Please reduce your request rate.</Message></Error>\n\nDebug source:\nGeneric {}", ConnectionError),
+    ("Generic S3 error: ... status code: 429 Too Many Requests: ", ConnectionError),
+    ("Generic S3 error: HTTP error: request or response body error", ConnectionError),
+    ("Generic S3 error: ... status code: 403 Forbidden: <Error><Code>AccessDenied</Code></Error>", PermissionError),
+    ("Generic S3 error: ... status code: 400 Bad Request: <Error><Code>InvalidArgument</Code></Error>",
+     StorageError),
+], ids=["503", "429", "cut-or-unreachable", "403", "400"])
+def test_obstore_errors_translate_by_their_status(text, kind):
+    translated = translate_obstore_error(GenericError(text), "s3://b/k")
+    assert type(translated) is kind and is_transient(translated) == (kind is ConnectionError)
+    assert "s3://b/k" in str(translated) and "Debug source" not in str(translated)
 
 
 def test_storage_error_is_an_oserror():
