@@ -4,12 +4,18 @@ Delivery is at least once (``acks_late``), and the healing check may send a chun
 task here may run twice for the same chunk, and must then leave the same files and the same
 counts. Output keys and result files are deterministic, and a chunk is counted once, when its
 bit in the job's bitmap goes from 0 to 1.
+
+A chunk that cannot finish now (storage away, an image's request failing, Redis away) runs again
+later with what its attempts learnt (``tasks/jobs/retries.py``: which images are done, and the
+budgets: hours while storage is away, 8 retries otherwise); past them, the images it left are
+recorded failed with the reason.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import replace
 from functools import lru_cache
 
 import redis
@@ -17,7 +23,8 @@ from celery import signals
 from celery.utils.log import get_task_logger
 from kombu.exceptions import OperationalError
 
-from storage import open_store
+from storage import ObjectStore, open_store
+from storage.availability import StorageUnavailableError, is_unavailable
 from tasks.errors import IncompleteJobError
 from tasks.jobs import healing
 from tasks.jobs.files import JobFiles, count_statuses
@@ -25,7 +32,18 @@ from tasks.jobs.index import JobIndex
 from tasks.jobs.manifest import write_job_manifest, write_summary
 from tasks.jobs.planning import send_claims
 from tasks.jobs.queue import send_finish
-from tasks.pipeline import Outcome, Pipeline
+from tasks.jobs.retries import (
+    CHUNK_RETRIES,
+    SKIPPED,
+    SUCCEEDED,
+    TODO,
+    Decision,
+    RetryState,
+    backoff,
+    decide,
+    storage_answers,
+)
+from tasks.pipeline import Outcome, Pipeline, kept_outcome
 from tasks.redact import install_log_redaction
 from worker import lifecycle, metrics
 from worker.celery_app import app
@@ -35,13 +53,13 @@ from worker.spec import MaskSpec
 log = get_task_logger(__name__)
 
 #: Errors after which the whole chunk runs again later (by any worker): storage or Redis away
-#: after their own retries, or this worker cannot set up its model or device.
+#: after their own retries, or this worker cannot set up its model or device; and a local
+#: folder that says it is away (``storage.availability``: a full disk, a share gone).
 RETRY_ON = (ConnectionError, TimeoutError, redis.ConnectionError, redis.TimeoutError, ModelUnavailableError,
             DeviceError)
-#: Retries of a chunk, and the seconds before the first; the delay doubles up to ten minutes, so
-#: the last retry comes about an hour after the first failure.
-CHUNK_RETRIES = 8
-RETRY_BACKOFF_S = 5
+#: The marks of ``RetryState.kept`` by status, and back.
+_MARKS = {"succeeded": SUCCEEDED, "skipped": SKIPPED}
+_STATUSES = {SUCCEEDED: "succeeded", SKIPPED: "skipped"}
 
 app.steps["worker"].add(healing.HealingStep)
 
@@ -64,8 +82,17 @@ def _deadline(task) -> float | None:
     return time.monotonic() + limit if limit else None
 
 
-def _retry_delay(retries: int) -> int:
-    return min(600, RETRY_BACKOFF_S * 2 ** retries)
+def _worth_retrying(err: BaseException) -> bool:
+    return isinstance(err, RETRY_ON) or is_unavailable(err)
+
+
+class _RunAgain(Exception):
+    """The chunk runs again later, as ``decision`` says; ``reason`` is why it did not finish,
+    ``away`` why storage counts as away (None: it answers; empty: ``reason`` says so)."""
+
+    def __init__(self, decision: Decision, reason: str, away: str | None):
+        super().__init__(reason)
+        self.decision, self.reason, self.away = decision, reason, away
 
 
 @lru_cache(maxsize=64)
@@ -74,25 +101,44 @@ def _job_record(dest: str, job_id: str) -> dict:
     return JobFiles(open_store(dest), job_id).read_job()
 
 
-@app.task(name="clipmask.mask_chunk", bind=True, max_retries=CHUNK_RETRIES, ignore_result=True)
-def mask_chunk(self, job_id: str, chunk: int, dest: str, size: int) -> dict:
+@app.task(name="clipmask.mask_chunk", bind=True, max_retries=None, ignore_result=True)
+def mask_chunk(self, job_id: str, chunk: int, dest: str, size: int, **retry) -> dict:
     """Mask chunk ``chunk`` of job ``job_id`` (its keys are in the plan under ``dest``), write
-    its results file, then count it in the job's index. Returns the chunk's counts."""
+    its results file, then count it in the job's index. Returns the chunk's counts. ``retry``:
+    what earlier attempts learnt (``RetryState``), in the messages of its retries; ``max_retries``
+    is None because ``tasks.jobs.retries.decide`` keeps the budgets."""
     context = f"job {job_id} chunk {chunk} task {self.request.id}"
     jobs, files = JobIndex.from_env(patient=True), JobFiles(open_store(dest), job_id)
+    state = RetryState.from_kwargs(retry)
     try:
-        counts = _counts_of_chunk(self, jobs, files, chunk, size, context)
+        counts = _counts_of_chunk(self, jobs, files, chunk, size, context, state)
         code, claims = jobs.record_chunk(job_id, chunk, counts)
         _send_next(job_id, dest, claims, code == 2, context)
         if code == -1:
             log.warning("[%s] Redis does not know the job; its results are in storage: rebuild its "
                         "records with: clipmask resume %s --out %s", context, job_id, dest)
-    except RETRY_ON as err:
-        log.warning("[%s] transient failure, chunk retried in %ds: %s", context, _retry_delay(self.request.retries),
-                    err)
-        raise self.retry(exc=err, countdown=_retry_delay(self.request.retries))
+    except _RunAgain as again:
+        _run_again(self, jobs, job_id, chunk, again, context)
+    except RETRY_ON as err:  # counting it: its results are written, the next attempt counts them
+        decision = decide(state, state.kept, False, time.time())
+        if decision.state is None:
+            raise
+        _run_again(self, jobs, job_id, chunk, _RunAgain(decision, f"{type(err).__name__}: {err}", None), context)
     (log.warning if counts.get("failed") else log.info)("[%s] chunk done: %s", context, counts)
     return counts
+
+
+def _run_again(task, jobs: JobIndex, job_id: str, chunk: int, again: _RunAgain, context: str):
+    """Log why, note the retry in the job's index (the healing check leaves the chunk to it, and
+    ``clipmask status`` shows it), and send the retry: a Celery retry with a countdown."""
+    delay = again.decision.delay
+    away = "" if again.away is None else f"; storage is away{f' ({again.away})' if again.away else ''}"
+    log.warning("[%s] chunk runs again in %d s%s; %s", context, delay, away, again.reason)
+    try:
+        jobs.note_retry(job_id, chunk, time.time() + delay, f"{again.reason}{away}")
+    except redis.RedisError as err:  # the retry is what matters
+        log.warning("[%s] could not note the retry in Redis: %s", context, err)
+    raise task.retry(exc=ConnectionError(again.reason), countdown=delay, kwargs=again.decision.state.kwargs())
 
 
 def _send_next(job_id: str, dest: str, claims: list[tuple[int, int]], finish: bool, context: str) -> None:
@@ -108,26 +154,31 @@ def _send_next(job_id: str, dest: str, claims: list[tuple[int, int]], finish: bo
                     "it" if finish else "them")
 
 
-def _counts_of_chunk(task, jobs: JobIndex, files: JobFiles, chunk: int, size: int, context: str) -> dict:
-    """``_run_chunk``, or, when it cannot succeed, every input of the chunk failed with the reason:
-    a job always finishes."""
+def _counts_of_chunk(task, jobs: JobIndex, files: JobFiles, chunk: int, size: int, context: str,
+                     state: RetryState) -> dict:
+    """``_run_chunk``. When it fails on something worth retrying: ``_RunAgain``, or past the
+    budgets every input it left failed with the reason; when it cannot succeed at all (a spec no
+    worker accepts): every input failed with the reason. A job always finishes."""
     try:
-        return _run_chunk(task, jobs, files, chunk, size, context)
-    except RETRY_ON as err:
-        if task.request.retries < task.max_retries:
-            raise
-        reason = f"gave up after {task.max_retries} retries: {type(err).__name__}: {err}"
-    except Exception as err:  # noqa: BLE001 - recorded for every input of the chunk
-        log.exception("[%s] chunk failed", context)
+        return _run_chunk(task, jobs, files, chunk, size, context, state)
+    except _RunAgain:
+        raise
+    except Exception as err:  # run again later, or recorded for every input left
         reason = f"{type(err).__name__}: {err}"
-    source = open_store(_job_record(files.dest.url, files.job_id)["source"])
-    rows = [Outcome(key, source.url_for(key), "failed", error=reason).row() for key in files.read_plan(chunk).keys]
-    files.write_results(chunk, rows)
-    return {"failed": len(rows)}
+        if not _worth_retrying(err):
+            log.exception("[%s] chunk failed", context)
+            return _record_failed(files, chunk, state, reason)
+        from_storage = isinstance(err, (ConnectionError, TimeoutError)) or is_unavailable(err)
+        away = ("" if is_unavailable(err) else _storage_away(files, _source_if_known(files))) if from_storage else None
+        decision = decide(state, state.kept, away is not None, time.time())
+        if decision.state is not None:
+            raise _RunAgain(decision, reason, away) from err
+        return _record_failed(files, chunk, state, f"{decision.reason}: {reason}")
 
 
-def _run_chunk(task, jobs: JobIndex, files: JobFiles, chunk: int, size: int, context: str) -> dict:
-    """The chunk's counts, masking its images unless that was done or the job was cancelled."""
+def _run_chunk(task, jobs: JobIndex, files: JobFiles, chunk: int, size: int, context: str, state: RetryState) -> dict:
+    """The chunk's counts, masking its images unless that was done or the job was cancelled; the
+    images an earlier attempt brought to an end (``state.kept``) are not masked again."""
     job = jobs.get(files.job_id) or {}
     if jobs.is_done(files.job_id, chunk):
         log.info("[%s] already done (a redelivered or re-sent chunk)", context)
@@ -136,15 +187,68 @@ def _run_chunk(task, jobs: JobIndex, files: JobFiles, chunk: int, size: int, con
         return {"skipped": size}  # the manifest lists its keys from the plan
     if files.has_results(chunk):  # done, but not counted: Redis lost it, or the worker died
         return count_statuses(files.read_results(chunk))
-    record = _job_record(files.dest.url, files.job_id)
-    keys = files.read_plan(chunk).keys
-    pipeline = Pipeline(lifecycle.engine(), open_store(record["source"]), files.dest,
-                        MaskSpec.from_dict(record["spec"]), record["skip_existing"], context, _deadline(task))
-    outcomes = list(pipeline.run(keys))
+    try:
+        record = _job_record(files.dest.url, files.job_id)
+        keys = files.read_plan(chunk).keys
+    except FileNotFoundError as err:  # both written before the chunk was queued: DST is not what it was
+        raise StorageUnavailableError(f"the job's files are missing from {files.dest.url} (a share unmounted?): "
+                                      f"{err}") from err
+    kept = state.kept_for(len(keys))
+    source, spec = open_store(record["source"]), MaskSpec.from_dict(record["spec"])
+    marker = None if files.dest.networked else files.keys["job"]  # a local DST: still the job's folder?
+    pipeline = Pipeline(lifecycle.engine(), source, files.dest, spec, record["skip_existing"], context,
+                        _deadline(task), dest_marker=marker)
+    fresh = pipeline.run([key for key, mark in zip(keys, kept) if mark == TODO])
+    outcomes = [next(fresh) if mark == TODO else kept_outcome(source, files.dest, spec, key, _STATUSES[mark])
+                for key, mark in zip(keys, kept)]
     transient = [o for o in outcomes if o.transient]
-    if transient and task.request.retries < task.max_retries:
-        raise ConnectionError(f"{len(transient)} image(s) met a transient storage error, e.g. {transient[0].error}")
+    if transient:
+        marks = "".join(_MARKS.get(o.status, TODO) for o in outcomes)
+        said = [o for o in transient if o.away]  # a failure that says the store is away: no probe
+        away = "" if said else _storage_away(files, source)
+        decision = decide(state, marks, away is not None, time.time())
+        reason = f"{len(transient)} image(s) not done, e.g. {(said or transient)[0].error}"
+        if decision.state is not None:
+            raise _RunAgain(decision, reason, away)
+        outcomes = [replace(o, error=f"{decision.reason}: {o.error}") if o.transient else o for o in outcomes]
+    _write_results(files, chunk, outcomes)
+    return dict(Counter(outcome.status for outcome in outcomes))
+
+
+def _write_results(files: JobFiles, chunk: int, outcomes: list[Outcome]) -> None:
+    """The chunk's results file, once a local DST is known to be the job's folder still: written to
+    the bare mount point of an unmounted share, it would be hidden once the share is back, and
+    the job could never write its manifest."""
+    if not files.dest.networked and not files.dest.exists(files.keys["job"]):
+        raise StorageUnavailableError(f"the job's files are missing from {files.dest.url} (a share unmounted?): "
+                                      f"{files.url('job')} is not there")
     files.write_results(chunk, [outcome.row() for outcome in outcomes])
+
+
+def _storage_away(files: JobFiles, source: ObjectStore | None) -> str | None:
+    """Why storage counts as away after failed or stalled requests, or None: DST does not
+    answer a probe of the job's ``job.json`` (or no longer has it), or the source one of its own."""
+    return storage_answers(files.dest, files.keys["job"], must_exist=True) or (
+        storage_answers(source) if source is not None else None)
+
+
+def _source_if_known(files: JobFiles) -> ObjectStore | None:
+    try:
+        return open_store(_job_record(files.dest.url, files.job_id)["source"])
+    except Exception:  # noqa: BLE001 - DST away too: the probe of DST says so
+        return None
+
+
+def _record_failed(files: JobFiles, chunk: int, state: RetryState, reason: str) -> dict:
+    """Every input of the chunk failed with ``reason``, but those an earlier attempt brought to an
+    end (``state.kept``); returns the counts."""
+    record = _job_record(files.dest.url, files.job_id)
+    source, keys = open_store(record["source"]), files.read_plan(chunk).keys
+    kept = state.kept_for(len(keys))
+    spec = MaskSpec.from_dict(record["spec"]) if kept.strip(TODO) else None  # (a spec no worker takes: none kept)
+    outcomes = [Outcome(key, source.url_for(key), "failed", error=reason) if mark == TODO
+                else kept_outcome(source, files.dest, spec, key, _STATUSES[mark]) for key, mark in zip(keys, kept)]
+    _write_results(files, chunk, outcomes)
     return dict(Counter(outcome.status for outcome in outcomes))
 
 
@@ -167,7 +271,7 @@ def finish_job(self, job_id: str, dest: str) -> dict | None:
         log.warning("[job %s] not finished: %s; the healing check sends the missing chunks again", job_id, err)
         return None
     except RETRY_ON as err:
-        raise self.retry(exc=err, countdown=_retry_delay(self.request.retries))
+        raise self.retry(exc=err, countdown=backoff(self.request.retries))
     log.info("[job %s] finished: %s, manifest %s", job_id, counter.counts, summary["manifest"])
     return counter.counts
 
@@ -182,7 +286,7 @@ def mask_image(self, source: str, key: str, dest: str, spec: dict) -> dict:
         if outcome.transient and self.request.retries < self.max_retries:
             raise ConnectionError(outcome.error)
     except RETRY_ON as err:
-        raise self.retry(exc=err, countdown=_retry_delay(self.request.retries))
+        raise self.retry(exc=err, countdown=backoff(self.request.retries))
     return {**outcome.row(), "metadata": outcome.metadata}
 
 

@@ -19,8 +19,9 @@ DEFAULT_WINDOW = 1000
 REDIS_URL = Setting("CLIPMASK_REDIS_URL", None, "Redis for job records (progress, outcomes)", "text",
                     shown="the result backend, else the broker")
 QUEUE = Setting("CLIPMASK_QUEUE", "clipmask", "Celery queue name", "text")
-TASK_TIME_LIMIT = Setting("CLIPMASK_TASK_TIME_LIMIT", 3600, "limit of one task (a chunk), seconds: its soft limit, "
-                          "a tenth earlier, fails its unfinished images", minimum=1)
+TASK_TIME_LIMIT = Setting("CLIPMASK_TASK_TIME_LIMIT", 3600, "limit of one task (a chunk), seconds: at its soft "
+                          "limit, a tenth earlier, its unfinished images fail, or run again later if they wait on "
+                          "storage", minimum=1)
 VISIBILITY_TIMEOUT = Setting("CLIPMASK_VISIBILITY_TIMEOUT", lambda: 2 * TASK_TIME_LIMIT.get(),
                              "seconds before an unacknowledged task is redelivered, and a job without progress is "
                              "healed; keep it above the time limit", minimum=1, shown="2 x time limit")
@@ -31,6 +32,12 @@ RESULT_EXPIRES = Setting("CLIPMASK_RESULT_EXPIRES", 24 * 3600, "seconds task res
                          minimum=1)
 JOB_WINDOW = Setting("CLIPMASK_JOB_WINDOW", DEFAULT_WINDOW, "chunks of one job queued or running at once (fixed "
                      "per job when submitted)", minimum=1)
+STORAGE_RETRY_S = Setting("CLIPMASK_STORAGE_RETRY_S", 6 * 3600, "seconds a chunk keeps running again while "
+                          "storage is away (not answering, a full or read-only disk, a share unmounted) before the "
+                          "images it left are recorded failed", minimum=1, shown="21600 (6 h)")
+RETRY_MAX_DELAY_S = Setting("CLIPMASK_RETRY_MAX_DELAY_S", 600, "longest wait before a chunk runs again (from 5 s, "
+                            "doubling); at most half of what the visibility timeout leaves over the time limit",
+                            minimum=1)
 HEAL_INTERVAL = Setting("CLIPMASK_HEAL_INTERVAL", None, "seconds between the workers' checks for stalled jobs",
                         minimum=1, shown="visibility timeout / 4, 5 to 60")
 SCHEDULE = Setting("CLIPMASK_SCHEDULE", [], "beat schedule, JSON: a list of "
@@ -39,7 +46,7 @@ SCHEDULE = Setting("CLIPMASK_SCHEDULE", [], "beat schedule, JSON: a list of "
 #: Every job-side variable, by name.
 SETTINGS: dict[str, Setting] = {setting.name: setting for setting in (
     REDIS_URL, QUEUE, TASK_TIME_LIMIT, VISIBILITY_TIMEOUT, RESTORE_INTERVAL, RESTORE_THROTTLE, RESULT_EXPIRES,
-    JOB_WINDOW, HEAL_INTERVAL, SCHEDULE)}
+    JOB_WINDOW, STORAGE_RETRY_S, RETRY_MAX_DELAY_S, HEAL_INTERVAL, SCHEDULE)}
 
 
 def redis_url() -> str:

@@ -158,16 +158,22 @@ def test_cpu_streams_setting_names_the_variable_when_wrong(tiny_model, monkeypat
             MaskEngine.load(tiny_model, device="cpu")
 
 
-def test_a_pipeline_past_its_deadline_stops_like_the_soft_time_limit(tiny_model, photos, tmp_path):
-    import time
-
-    from celery.exceptions import SoftTimeLimitExceeded
+def test_a_pipeline_past_its_deadline_fails_what_the_device_did_not_mask_like_the_soft_time_limit(
+        tiny_model, photos, tmp_path, caplog):
+    from tasks.pipeline.stream import TIME_LIMIT_ERROR
 
     engine = MaskEngine.load(tiny_model, device="cpu", batch_size=2)
+    keys = sorted(p.name for p in photos.iterdir())
     pipeline = Pipeline(engine, open_store(str(photos)), open_store(str(tmp_path / "o")), MaskSpec.from_text("a cat"),
                         context="job j chunk 0", deadline=time.monotonic() - 1)
-    with pytest.raises(SoftTimeLimitExceeded, match=r"\[job j chunk 0\] time limit reached"):
-        list(pipeline.run(sorted(p.name for p in photos.iterdir())))
+    # When a pipeline runs past its deadline, with storage (a local folder) answering at once
+    outcomes = list(pipeline.run(keys))
+    # Then every image still has one outcome, in order, and those not masked by then failed for
+    # good, naming the time limit: the device held them up, not storage
+    assert [outcome.key for outcome in outcomes] == keys
+    late = [outcome for outcome in outcomes if outcome.status != "succeeded"]
+    assert late and all(outcome.error == TIME_LIMIT_ERROR and not outcome.transient for outcome in late)
+    assert "[job j chunk 0] time limit reached with" in caplog.text and "waiting on the device" in caplog.text
 
 
 def test_each_gpu_gets_a_worker_of_its_own_with_the_device_in_its_name():

@@ -84,7 +84,7 @@ class _ProgressBar:
 
 
 def status(args: argparse.Namespace, _extra: list[str]) -> int:
-    from tasks.jobs.index import JobIndex, waiting_note
+    from tasks.jobs.index import JobIndex, retry_note, waiting_note
 
     jobs = JobIndex.from_env()
     if args.watch:
@@ -98,6 +98,8 @@ def status(args: argparse.Namespace, _extra: list[str]) -> int:
               f"{_planning_note(report)}")
         if waiting_note(report):
             print(("stuck: " if report["stuck"] else "") + waiting_note(report))
+        if retry_note(report):
+            print(retry_note(report))
         if report["manifest"]:
             print(f"manifest: {report['manifest']}")
     return 0

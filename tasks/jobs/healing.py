@@ -6,7 +6,11 @@ a lock in Redis lets one worker per interval do it. A job is healed when none of
 finished for a visibility timeout (``CLIPMASK_VISIBILITY_TIMEOUT``, longer than any task) and
 clipmask's queue is empty: then every queued chunk without a result is sent again (a duplicate of
 a chunk that was not lost returns at once), the window is filled again, or, if the job is
-complete, the finishing step is sent (that one whatever the queue holds). A job whose planning
+complete, the finishing step is sent (that one whatever the queue holds). A chunk waiting to run
+again (storage away: ``tasks/jobs/retries.py``) is held by a worker until its countdown ends, not
+queued, so it would look lost: each retry notes when it is due (``retry_due``), and the quiet
+period of its job counts from then, so the job is healed only if the retry neither ran nor was
+sent again a visibility timeout after it was due (its message lost). A job whose planning
 was interrupted is healed as far as it was planned; ``clipmask resume`` plans the rest. Workers
 heal only the jobs of their own queue (``CLIPMASK_QUEUE``), and messages go to the job's queue.
 
@@ -50,7 +54,7 @@ def heal_jobs(jobs: JobIndex, quiet_s: float, queued: Callable[[], int] = queued
             continue
         if data.get("queue", default_queue()) != default_queue():
             continue  # another pool's job: its own workers heal it
-        last = max(float(data.get(name) or 0) for name in ("created_ts", "last_progress", "healed_at"))
+        last = max(float(data.get(name) or 0) for name in ("created_ts", "last_progress", "healed_at", "retry_due"))
         if time.time() - last < quiet_s:
             continue
         if not is_complete(data):  # a lost finishing step is sent again whatever the queue holds

@@ -10,8 +10,10 @@ small whatever the job's size, so that it can be lost and rebuilt (``clipmask re
                                chunks_done, created_ts, planned_at, last_progress, healed_at
                                (epoch s), heals (chunks sent again since the last progress, how
                                many times), resent (the first of those chunks, JSON) and
-                               resent_count (how many there were), then
-                               finished_at and manifest
+                               resent_count (how many there were), retry_due (the latest
+                               time a chunk waiting to run again is due, epoch s), retry_chunk,
+                               retry_reason and retry_at (the last such retry: which chunk,
+                               why, when), then finished_at and manifest
 - ``clipmask:job:{id}:done``   bitmap, one bit per chunk: set once, when its results are in storage
 - ``clipmask:jobs:active``     set of the ids of jobs without a manifest, for the healing check
 
@@ -77,7 +79,8 @@ class JobIndex:
         self._raw = redis.Redis(connection_pool=redis.ConnectionPool(
             connection_class=pool.connection_class, **{**pool.connection_kwargs, "decode_responses": False}))
         self._scripts = {name: client.register_script(getattr(scripts, name))
-                         for name in ("PLAN_CHUNK", "RECORD_CHUNK", "FINISH_PLANNING", "FEED", "CANCEL")}
+                         for name in ("PLAN_CHUNK", "RECORD_CHUNK", "FINISH_PLANNING", "FEED", "CANCEL",
+                                      "NOTE_RETRY")}
 
     @classmethod
     def from_env(cls, patient: bool = False) -> "JobIndex":
@@ -141,6 +144,11 @@ class JobIndex:
         reply = self._run("RECORD_CHUNK", job_id, chunk, *(counts.get(s, 0) for s in STATUSES), time.time(),
                           bitmap=True)
         return reply[0], _pairs(reply[1:])
+
+    def note_retry(self, job_id: str, chunk: int, due: float, reason: str) -> None:
+        """Note that ``chunk`` runs again at ``due`` (epoch s) because of ``reason``: the healing
+        check leaves the job alone until a visibility timeout after its latest retry is due."""
+        self._run("NOTE_RETRY", job_id, chunk, due, reason, time.time())
 
     def feed(self, job_id: str) -> Claims:
         """The chunks that fit the job's window now (nothing for a cancelled or unknown job)."""
@@ -234,7 +242,7 @@ def job_status(job_id: str, data: dict) -> dict:
         "source": data.get("source"), "dest": data.get("dest"),
         "spec": json.loads(data["spec"]) if data.get("spec") else None,
         "created_at": data.get("created_at"), "finished_at": data.get("finished_at"),
-        "manifest": data.get("manifest"), **healing_state(data),
+        "manifest": data.get("manifest"), **healing_state(data), "retrying": retrying(data),
     }
 
 
@@ -263,6 +271,26 @@ def _duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"
     return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def retrying(data: dict) -> dict | None:
+    """The job's last chunk sent to run again, unless a chunk finished since or the job has its
+    manifest: ``{"chunk", "due_in_s" (negative once due), "reason"}``; else None."""
+    at = float(data.get("retry_at") or 0)
+    if not at or data.get("manifest") or at < float(data.get("last_progress") or 0):
+        return None
+    return {"chunk": int(data.get("retry_chunk") or 0), "reason": data.get("retry_reason", ""),
+            "due_in_s": round(float(data.get("retry_due") or at) - time.time(), 1)}
+
+
+def retry_note(report: dict) -> str:
+    """What ``clipmask status`` says of a chunk waiting to run again: "chunk 3 runs again in
+    12 s: storage did not answer ..." (empty when none waits)."""
+    retry = report.get("retrying")
+    if not retry:
+        return ""
+    when = f"in {_duration(retry['due_in_s'])}" if retry["due_in_s"] > 0 else "now"
+    return f"chunk {retry['chunk']} runs again {when}: {retry['reason']}"
 
 
 def healing_state(data: dict) -> dict:

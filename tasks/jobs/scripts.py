@@ -74,6 +74,19 @@ if redis.call('EXISTS', h) == 0 then return {} end
 return claims(h, {})
 """
 
+#: KEYS: job hash. ARGV: chunk, when its retry is due (epoch s), why, now. A chunk runs again
+#: later: keep the latest due time of the job's retries (the healing check waits for it) and the
+#: last retry's chunk and reason (for ``clipmask status``). Returns 0 for an unknown job, else 1.
+NOTE_RETRY = """
+local h = KEYS[1]
+if redis.call('EXISTS', h) == 0 then return 0 end
+if tonumber(ARGV[2]) > tonumber(redis.call('HGET', h, 'retry_due') or '0') then
+  redis.call('HSET', h, 'retry_due', ARGV[2])
+end
+redis.call('HSET', h, 'retry_chunk', ARGV[1], 'retry_reason', ARGV[3], 'retry_at', ARGV[4])
+return 1
+"""
+
 #: KEYS: job hash. Flags the job cancelled. Returns 1 if nothing is left in flight (finish it).
 CANCEL = _COMMON + """
 local h = KEYS[1]

@@ -94,10 +94,19 @@ class FaultyProxy:
     requests, ``max_in_flight`` the most served at once. HTTP/1.1 keep-alive,
     ``Expect: 100-continue`` and chunked request bodies are handled; every
     response with a body has a Content-Length.
+
+    An outage, whatever the draws: ``set_outage("hang")`` holds every request
+    (read, never answered) until the mode changes; ``set_outage("cut")`` closes
+    every client connection, the held ones included, and each new one as its
+    request arrives; ``set_outage(None)`` serves again (held requests still
+    open then are forwarded). With ``hang_after=N`` the proxy starts hanging
+    by itself as request N + 1 arrives (``outage_started`` is then set).
+    ``held`` and ``cut`` count the requests each mode met.
     """
 
     def __init__(self, upstream: str, *, slowdown: float = 0.2, drop: float = 0.05, seed: int = 0,
-                 methods: Iterable[str] | None = None, port: int | None = None, delay_s: float = 0.0) -> None:
+                 methods: Iterable[str] | None = None, port: int | None = None, delay_s: float = 0.0,
+                 hang_after: int | None = None) -> None:
         """``upstream`` is the endpoint URL to forward to ("http://127.0.0.1:PORT")."""
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname, parts.port or 80)
@@ -111,6 +120,10 @@ class FaultyProxy:
         self._together: set[tuple[str, str]] = set()
         self._random = random.Random(seed)
         self._lock = threading.Lock()
+        self.outage: str | None = None
+        self.hang_after, self.arrived, self.held, self.cut = hang_after, 0, 0, 0
+        self.outage_started = threading.Event()
+        self._outage_changed = threading.Condition(self._lock)
         self._connections: set[socket.socket] = set()
         self._server: http.server.ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -118,7 +131,7 @@ class FaultyProxy:
     def start(self) -> "FaultyProxy":
         """Start serving (idempotent); OSError if the port cannot be bound."""
         if self._server is None:
-            self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), _ProxyHandler)
+            self._server = _Server(("127.0.0.1", self.port), _ProxyHandler)
             self._server.proxy = self
             self._thread = threading.Thread(target=self._server.serve_forever, name="faulty-proxy",
                                             daemon=True)
@@ -129,6 +142,8 @@ class FaultyProxy:
         """Stop serving and close open client connections (idempotent)."""
         if self._server is None:
             return
+        if self.outage == "hang":  # let the held requests go (their connections close below)
+            self.set_outage("cut")
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
@@ -142,6 +157,34 @@ class FaultyProxy:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+    def set_outage(self, mode: str | None) -> None:
+        """Start ("hang" or "cut") or end (None) an outage; see the class's doc."""
+        assert mode in (None, "hang", "cut"), mode
+        with self._outage_changed:
+            self.outage = mode
+            if mode:
+                self.outage_started.set()
+            self._outage_changed.notify_all()
+            cut = list(self._connections) if mode == "cut" else []
+        for sock in cut:
+            _shutdown_quietly(sock)
+
+    def admit(self) -> bool:
+        """Whether to serve a request that has arrived (False: close its connection unanswered);
+        holds it while the proxy hangs."""
+        with self._outage_changed:
+            self.arrived += 1
+            if self.hang_after is not None and self.arrived > self.hang_after and not self.outage_started.is_set():
+                self.outage = "hang"
+                self.outage_started.set()
+            if self.outage == "hang":
+                self.held += 1
+                self._outage_changed.wait_for(lambda: self.outage != "hang")
+            if self.outage == "cut":
+                self.cut += 1
+                return False
+            return True
 
     def draw(self, method: str) -> str | None:
         """Return the fault for the next request: "slowdown", "drop" or None."""
@@ -218,6 +261,10 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         """Read the request, then answer it as the proxy's draw says."""
         proxy = self.server.proxy
         body = self._read_body()
+        if not proxy.admit():
+            self.close_connection = True
+            _shutdown_quietly(self.connection)
+            return
         proxy.enter(self.path)
         try:
             if proxy.delay_s:
@@ -278,6 +325,15 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args) -> None:
         """Quiet: the proxy's counters say what happened."""
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        """Quiet about connections the proxy cut itself (an outage); anything else is printed."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
 
 
 def _shutdown_quietly(sock: socket.socket) -> None:
