@@ -60,6 +60,7 @@ import obstore
 from botocore.config import Config
 from botocore.utils import parse_timestamp
 from s3_lite import LiteServer
+from sampling import GilSampler, py_spy, server_cpu_s
 
 from storage.s3_clients import MAX_CONNECTIONS, shared_client, shared_data_store
 from tests.services import s3_test_env
@@ -122,12 +123,6 @@ def lean_client(max_attempts: int):
     return client, applied + ["timestamp_parser=fast_timestamp", "no Expect: 100-continue"]
 
 
-def py_spy() -> str | None:
-    """py-spy on PATH, else beside this Python (the venv's)."""
-    beside = Path(sys.executable).with_name("py-spy")
-    return shutil.which("py-spy") or (str(beside) if beside.exists() else None)
-
-
 def py_spy_problem() -> str | None:
     """Why py-spy cannot sample this process (no py-spy, no ptrace rights), or None."""
     spy = py_spy()
@@ -139,12 +134,6 @@ def py_spy_problem() -> str | None:
         lines = (done.stderr or done.stdout).strip().splitlines()
         return f"py-spy cannot attach (ptrace rights?): {lines[-1] if lines else f'exit {done.returncode}'}"
     return None
-
-
-def server_cpu_s(pid: int) -> float:
-    """CPU seconds a process has used (user + system), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def in_threads(call, threads: int, requests: int) -> None:
@@ -244,22 +233,13 @@ def measure(run, op: str, requests: int, server: LiteServer, gil_rate: int, work
     """One phase: ``requests`` of ``op``; rate, client CPU, GIL (gil_rate > 0), server CPU per request."""
     server.stats(reset=True)
     server_cpu = server_cpu_s(server.process.pid)
-    spy, samples = None, work / "gil.txt"
-    if gil_rate:
-        spy = subprocess.Popen([py_spy(), "record", "--pid", str(os.getpid()), "--gil", "--nonblocking",
-                                "--rate", str(gil_rate), "--format", "raw", "--output", str(samples)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(1.0)  # py-spy attached
+    spy = GilSampler(work / "gil.txt", gil_rate).start() if gil_rate else None
     cpu, wall = time.process_time(), time.perf_counter()
     run(requests)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     figures = {"rate": requests / wall, "cpu_ms": cpu / requests * 1e3}
     if spy is not None:
-        spy.send_signal(2)  # SIGINT: py-spy writes its samples and exits
-        spy.wait(60)
-        held = sum(int(line.rsplit(" ", 1)[1]) for line in samples.read_text().splitlines() if line.strip())
-        figures["gil_ms"] = held / gil_rate / requests * 1e3
-        samples.unlink()
+        figures["gil_ms"] = spy.stop() / requests * 1e3
     figures["server_ms"] = (server_cpu_s(server.process.pid) - server_cpu) / requests * 1e3
     counts = server.stats(reset=True)["counts"]
     counts.pop("POST", None)  # the reset itself

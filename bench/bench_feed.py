@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH_DIR.parent), str(BENCH_DIR)]
 
 from bench_host import NEGATIVE, PROMPT, make_jpeg, standin_logits  # noqa: E402
+from sampling import GilSampler, py_spy, server_cpu_s  # noqa: E402
 
 from storage import open_store  # noqa: E402
 from tasks.jobs.preflight import check_run  # noqa: E402
@@ -78,19 +78,8 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def py_spy() -> str | None:
-    """py-spy on PATH, else beside this Python (the venv's)."""
-    beside = Path(sys.executable).with_name("py-spy")
-    return shutil.which("py-spy") or (str(beside) if beside.exists() else None)
-
-
 def measure(source: str, dest: str, spec: MaskSpec, engine: MaskEngine, gil: bool, work: Path) -> dict:
-    spy, samples_file, rate = None, work / "gil.txt", 200
-    if gil:
-        spy = subprocess.Popen([py_spy(), "record", "--pid", str(os.getpid()), "--gil", "--nonblocking",
-                                "--rate", str(rate), "--format", "raw", "--output", str(samples_file)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(1.0)  # py-spy attached
+    spy = GilSampler(work / "gil.txt").start() if gil else None
     cpu, wall = time.process_time(), time.perf_counter()
     stores = check_run(source, dest)  # what `clipmask run` does before it loads the model
     summary = run_local(*stores[:2], spec, engine, total=stores[2], progress=False)
@@ -98,17 +87,8 @@ def measure(source: str, dest: str, spec: MaskSpec, engine: MaskEngine, gil: boo
     images = summary["succeeded"]
     figures = {"images": images, "rate": images / wall, "cpu_ms": cpu / images * 1e3}
     if spy is not None:
-        spy.send_signal(2)  # SIGINT: py-spy writes its samples and exits
-        spy.wait(60)
-        held = sum(int(line.rsplit(" ", 1)[1]) for line in samples_file.read_text().splitlines() if line.strip())
-        figures["gil_ms"] = held / rate / images * 1e3
+        figures["gil_ms"] = spy.stop() / images * 1e3
     return figures
-
-
-def server_cpu_s(pid: int) -> float:
-    """CPU seconds a process has used (user + system), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def upload(store, count: int, jpegs: list[bytes]) -> None:

@@ -57,6 +57,17 @@ def s3_bucket(s3_env) -> str:
     return name
 
 
+@pytest.fixture
+def env_of(tiny_model, s3_env):
+    """The environment (S3 on moto, the tiny model) of a user's shell for a given Redis, with a queue of the test's own."""
+    def make(redis_url: str, **extra) -> dict:
+        base = redis_url.rsplit("/", 1)[0]
+        return {**s3_env, "CELERY_BROKER_URL": f"{base}/0", "CELERY_RESULT_BACKEND": f"{base}/1",
+                "CLIPMASK_MODEL": tiny_model, "CLIPMASK_QUEUE": f"test-{uuid.uuid4().hex[:8]}",
+                "HF_HUB_OFFLINE": "1", **extra}
+    return make
+
+
 # --- models ----------------------------------------------------------------
 
 

@@ -32,17 +32,6 @@ from tests.processes import (
 from tests.services import FaultyProxy, RedisServer
 
 
-@pytest.fixture
-def env_of(tiny_model, s3_env):
-    """The environment of a user's shell for a given Redis, with a queue of the test's own."""
-    def make(redis_url: str, **extra) -> dict:
-        base = redis_url.rsplit("/", 1)[0]
-        return {**s3_env, "CELERY_BROKER_URL": f"{base}/0", "CELERY_RESULT_BACKEND": f"{base}/1",
-                "CLIPMASK_MODEL": tiny_model, "CLIPMASK_QUEUE": f"test-{uuid.uuid4().hex[:8]}",
-                "HF_HUB_OFFLINE": "1", **extra}
-    return make
-
-
 def redis_contents(client: redis.Redis) -> list[str]:
     """Every key and value of one Redis database, as text (task messages, job records, results)."""
     read = {"string": client.get, "list": lambda k: client.lrange(k, 0, -1), "hash": client.hgetall,

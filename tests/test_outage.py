@@ -30,17 +30,6 @@ OUTAGE_SETTINGS = {"CLIPMASK_TASK_TIME_LIMIT": "10", "CLIPMASK_VISIBILITY_TIMEOU
                    "CLIPMASK_RESTORE_INTERVAL": "1", "CLIPMASK_RESTORE_THROTTLE": "1"}
 
 
-@pytest.fixture
-def env_of(tiny_model, s3_env):
-    """The environment of a user's shell for a given Redis, with a queue of the test's own."""
-    def make(redis_url: str, **extra) -> dict:
-        base = redis_url.rsplit("/", 1)[0]
-        return {**s3_env, "CELERY_BROKER_URL": f"{base}/0", "CELERY_RESULT_BACKEND": f"{base}/1",
-                "CLIPMASK_MODEL": tiny_model, "CLIPMASK_QUEUE": f"test-{uuid.uuid4().hex[:8]}",
-                "HF_HUB_OFFLINE": "1", **extra}
-    return make
-
-
 def wait_for_log(worker, *texts: str, timeout: float = 120) -> str:
     """The worker's log once it holds every one of ``texts``."""
     deadline = time.monotonic() + timeout
