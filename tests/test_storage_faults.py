@@ -7,6 +7,7 @@ random, with a fixed seed, so every run meets the same faults.
 from __future__ import annotations
 
 import random
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from obstore.exceptions import GenericError
@@ -55,6 +56,22 @@ def test_store_through_slowdowns_and_cut_bodies_loses_nothing(s3_bucket, through
     # Then every call succeeds with the right data, though faults did happen
     assert read == [payload(i) for i in range(OBJECTS)]
     assert listed == keys
+    assert proxy.slowdowns >= 1 and proxy.drops >= 1, vars(proxy)
+
+
+def test_store_through_faults_at_a_round_trip_with_many_requests_in_flight_loses_nothing(s3_bucket, through):
+    # Given S3 that answers after a 50 ms round trip, throttles 5% and cuts 5% of responses
+    proxy = through(slowdown=0.05, drop=0.05, seed=5, delay_s=0.05)
+    store = open_store(f"s3://{s3_bucket}/faults/")
+    keys = [f"obj/{i:03d}.bin" for i in range(OBJECTS)]
+    # When objects are written, then read back, 16 at a time (as a worker's storage threads do)
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda i: store.write_bytes(keys[i], payload(i)), range(OBJECTS)))
+        read = list(pool.map(store.read_bytes, keys))
+    # Then every object reads back whole, though requests overlapped and faults did happen
+    assert read == [payload(i) for i in range(OBJECTS)]
+    assert list(store.list("obj/")) == keys
+    assert proxy.max_in_flight > 1
     assert proxy.slowdowns >= 1 and proxy.drops >= 1, vars(proxy)
 
 
