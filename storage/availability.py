@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import errno
 
-__all__ = ["UNAVAILABLE_ERRNOS", "StorageUnavailableError", "is_unavailable"]
+__all__ = ["UNAVAILABLE_ERRNOS", "StorageUnavailableError", "check_marker", "is_unavailable", "missing_marker"]
 
 #: Error numbers of a filesystem that is away for now: full (ENOSPC, EDQUOT), read-only (EROFS),
 #: its disk failing or gone (EIO, ENODEV, ENOMEDIUM), or its network share gone (ESTALE, ENOTCONN,
@@ -38,3 +38,16 @@ def is_unavailable(err: BaseException) -> bool:
     """True if ``err`` says the store is away for now (a full or read-only disk, a share gone),
     not that the object asked for is at fault."""
     return isinstance(err, StorageUnavailableError) or (isinstance(err, OSError) and err.errno in UNAVAILABLE_ERRNOS)
+
+
+def missing_marker(store, key: str) -> str:
+    """Why ``store`` is away when ``key``, a file the work wrote there first (a job's ``job.json``),
+    is gone: the folder is no longer the one the work started in."""
+    return (f"{store.url_for(key)} is missing: the job's files are gone from {store.url}, not the folder "
+            "the job started in (a share unmounted?); nothing is written there until it is back")
+
+
+def check_marker(store, key: str) -> None:
+    """Raise ``StorageUnavailableError`` (``missing_marker``) unless ``key`` exists in ``store``."""
+    if not store.exists(key):
+        raise StorageUnavailableError(missing_marker(store, key))

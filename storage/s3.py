@@ -3,7 +3,7 @@
 Endpoint, credentials and region come only from boto3's own configuration
 (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_DEFAULT_REGION,
 config files, ...). Single objects are read, written and checked with
-obstore, which costs a quarter of boto3's CPU per request and waits with the
+obstore, which costs about a tenth of boto3's CPU per request and waits with the
 GIL released; listing, deleting and multipart uploads go through boto3. Both clients are
 made lazily, once per process for the same settings and environment, and
 shared by every store (``storage.s3_clients``); they are thread-safe, so stores
@@ -103,9 +103,9 @@ class S3Store(ObjectStore):
         ConnectionError (transient) or StorageError.
         """
         url = self.url_for(key)
-        data = self._data(url)
+        store = self._data(url)
         try:
-            return bytes(obstore.get(data, self._prefix + key).bytes())
+            return bytes(obstore.get(store, self._prefix + key).bytes())
         except OBSTORE_ERRORS as err:
             raise translate_obstore_error(err, url) from err
 
@@ -118,9 +118,9 @@ class S3Store(ObjectStore):
         url = self.url_for(key)
         body = check_data(data)
         attributes = {"Content-Type": content_type} if content_type else None
-        data = self._data(url)
+        store = self._data(url)
         try:
-            obstore.put(data, self._prefix + key, body, attributes=attributes, use_multipart=False)
+            obstore.put(store, self._prefix + key, body, attributes=attributes, use_multipart=False)
         except OBSTORE_ERRORS as err:
             raise translate_obstore_error(err, url) from err
 
@@ -164,9 +164,9 @@ class S3Store(ObjectStore):
         Raises PermissionError, ConnectionError (transient) or StorageError.
         """
         url = self.url_for(key)
-        data = self._data(url)
+        store = self._data(url)
         try:
-            obstore.head(data, self._prefix + key)
+            obstore.head(store, self._prefix + key)
         except OBSTORE_ERRORS as err:
             error = translate_obstore_error(err, url)
             if isinstance(error, FileNotFoundError):

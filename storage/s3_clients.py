@@ -3,7 +3,7 @@ obstore's for the data path (GET, PUT and HEAD of single objects).
 
 Both are configured from boto3's resolution of the ``AWS_*`` environment and config files
 (endpoint, credentials, region, profile), so the two always reach the same service as the same
-user. obstore (Rust's ``object_store``) sends a request for about a quarter of boto3's CPU and
+user. obstore (Rust's ``object_store``) sends a request for about a tenth of boto3's CPU and
 waits with the GIL released (``bench/bench_feed.py`` measures both); boto3 keeps what obstore
 does differently (part sizes of multipart uploads, paginated listing, a DELETE that is not a
 DeleteObjects).

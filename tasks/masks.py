@@ -24,7 +24,7 @@ from celery.utils.log import get_task_logger
 from kombu.exceptions import OperationalError
 
 from storage import ObjectStore, open_store
-from storage.availability import StorageUnavailableError, is_unavailable
+from storage.availability import StorageUnavailableError, check_marker, is_unavailable, missing_marker
 from tasks.errors import IncompleteJobError
 from tasks.jobs import healing
 from tasks.jobs.files import JobFiles, count_statuses
@@ -191,8 +191,7 @@ def _run_chunk(task, jobs: JobIndex, files: JobFiles, chunk: int, size: int, con
         record = _job_record(files.dest.url, files.job_id)
         keys = files.read_plan(chunk).keys
     except FileNotFoundError as err:  # both written before the chunk was queued: DST is not what it was
-        raise StorageUnavailableError(f"the job's files are missing from {files.dest.url} (a share unmounted?): "
-                                      f"{err}") from err
+        raise StorageUnavailableError(f"{missing_marker(files.dest, files.keys['job'])}: {err}") from err
     kept = state.kept_for(len(keys))
     source, spec = open_store(record["source"]), MaskSpec.from_dict(record["spec"])
     marker = None if files.dest.networked else files.keys["job"]  # a local DST: still the job's folder?
@@ -219,9 +218,8 @@ def _write_results(files: JobFiles, chunk: int, outcomes: list[Outcome]) -> None
     """The chunk's results file, once a local DST is known to be the job's folder still: written to
     the bare mount point of an unmounted share, it would be hidden once the share is back, and
     the job could never write its manifest."""
-    if not files.dest.networked and not files.dest.exists(files.keys["job"]):
-        raise StorageUnavailableError(f"the job's files are missing from {files.dest.url} (a share unmounted?): "
-                                      f"{files.url('job')} is not there")
+    if not files.dest.networked:
+        check_marker(files.dest, files.keys["job"])
     files.write_results(chunk, [outcome.row() for outcome in outcomes])
 
 

@@ -30,7 +30,7 @@ import threading
 from dataclasses import dataclass, replace
 
 from storage import ObjectStore, is_transient
-from storage.availability import is_unavailable
+from storage.availability import is_unavailable, missing_marker
 from tasks import settings
 
 #: Retries of a chunk after failures other than storage being away (about an hour of waits).
@@ -147,7 +147,7 @@ def storage_answers(store: ObjectStore, key: str = PROBE_KEY, must_exist: bool =
             return f"{type(result).__name__}: {result}"
         return None  # any other answer (denied, ...) is an answer
     if must_exist and not result:
-        return f"{url} is missing: the job's files are gone from {store.url} (a share unmounted?)"
+        return missing_marker(store, key)
     return None
 
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from storage import ObjectStore, is_transient
-from storage.availability import StorageUnavailableError, is_unavailable
+from storage.availability import check_marker, is_unavailable
 from storage.layout import output_keys
 from tasks.pipeline.pools import chain, cpu_pool, gather, resolved, storage_pool, then
 from worker import metrics, settings
@@ -366,10 +366,8 @@ class Pipeline:
         """Both masks, then the record, written to a local folder (one CPU step), once the folder
         is known to be the one the work started in (``dest_marker``)."""
         with self._waiting(item.key, self.dest.url_for(output_keys(item.key)["metadata"])):
-            if self.dest_marker and not self.dest.exists(self.dest_marker):
-                raise StorageUnavailableError(
-                    f"{self.dest.url_for(self.dest_marker)} is missing: {self.dest.url} is not the folder the job "
-                    "started in (a share unmounted?); nothing is written there until it is back")
+            if self.dest_marker:
+                check_marker(self.dest, self.dest_marker)
             return self._write_record(item, self._write_local(step))
 
     def _write_local(self, step: _Written) -> _Written:
