@@ -13,7 +13,7 @@ from worker.errors import ClipmaskError
 
 __all__ = [
     "ClipmaskError", "DestinationError", "IncompleteJobError", "JobError", "JobNotFoundError", "NoImagesError",
-    "PlanningBusyError", "ServiceUnavailableError", "SourceError", "StorageProblem", "UsageError", "explain",
+    "NothingNewError", "PlanningBusyError", "ServiceUnavailableError", "SourceError", "StorageProblem", "UsageError", "explain",
 ]
 
 
@@ -36,6 +36,17 @@ class JobNotFoundError(JobError, LookupError):
 
 class NoImagesError(JobError, LookupError):
     """Raised when a source holds no image files (by extension) to mask."""
+
+
+class NothingNewError(JobError, LookupError):
+    """Raised by a submit that skips existing outputs when every image under the source already
+    has a record newer than it: no job is created. ``up_to_date`` counts those images."""
+
+    exit_code = 0
+
+    def __init__(self, message: str, up_to_date: int = 0):
+        super().__init__(message)
+        self.up_to_date = up_to_date
 
 
 class SourceError(JobError, FileNotFoundError):
