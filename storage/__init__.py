@@ -20,14 +20,14 @@ import os
 import threading
 from typing import Any
 
-from storage.base import ObjectStore
+from storage.base import Listed, ObjectStore
 from storage.errors import StorageError, is_transient
 from storage.local import LocalStore
 from storage.s3 import S3Store
 from storage.urls import StoreURL, parse_url, split_object_url
 
 __all__ = [
-    "LocalStore", "ObjectStore", "S3Store", "StorageError", "StoreURL", "URLReader",
+    "Listed", "LocalStore", "ObjectStore", "S3Store", "StorageError", "StoreURL", "URLReader",
     "is_transient", "open_store", "parse_url", "split_object_url",
 ]
 

@@ -7,7 +7,7 @@ import io
 from collections.abc import Iterable, Iterator
 
 __all__ = [
-    "ObjectStore", "check_chunks", "check_data", "check_key", "check_prefix", "check_start_after",
+    "Listed", "ObjectStore", "check_chunks", "check_data", "check_key", "check_prefix", "check_start_after",
 ]
 
 
@@ -65,6 +65,24 @@ def check_start_after(start_after: str | None) -> str:
     return start_after
 
 
+class Listed(str):
+    """A key as a listing gives it (it compares, hashes and slices as the key), with what the
+    listing says of its object: ``size`` in bytes, ``modified`` (seconds since the epoch: S3's
+    LastModified, a file's mtime) and ``etag`` (S3's ETag, quotes included; None on a local disk)."""
+
+    def __new__(cls, key: str, size: int, modified: float, etag: str | None = None) -> "Listed":
+        listed = super().__new__(cls, key)
+        listed.size, listed.modified, listed.etag = size, modified, etag
+        return listed
+
+    def moved(self, key: str) -> "Listed":
+        """The same object under another name (relative to another root)."""
+        return Listed(key, self.size, self.modified, self.etag)
+
+    def __reduce__(self):
+        return Listed, (str(self), self.size, self.modified, self.etag)
+
+
 class ObjectStore(abc.ABC):
     """A flat store of byte objects addressed by relative posix keys ("a/b.jpg").
 
@@ -118,6 +136,16 @@ class ObjectStore(abc.ABC):
         strings, so "a-b" comes before "a/c". Raises ValueError for a bad
         prefix and TypeError for a non-str ``start_after``, at call time.
         """
+
+    @abc.abstractmethod
+    def list_entries(self, prefix: str = "", start_after: str | None = None) -> Iterator[Listed]:
+        """``list``, each key a ``Listed`` that carries its object's size, last modification and
+        ETag, at the cost of the listing itself (no request per key)."""
+
+    def read_object(self, key: str) -> tuple[bytes, str | None]:
+        """The content of ``key`` and its ETag (None where the store has none), in one request;
+        raises as ``read_bytes`` does."""
+        return self.read_bytes(key), None
 
     @abc.abstractmethod
     def url_for(self, key: str) -> str:

@@ -65,8 +65,11 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from typing import Any, NamedTuple
 from urllib.parse import unquote_plus
+
+from storage.base import Listed
 
 __all__ = ["GROUP_KEYS", "LIST_CONCURRENCY", "PAGES_AHEAD", "SPLIT_DEPTH", "Page", "list_page", "parallel_keys",
            "sequential_keys"]
@@ -112,9 +115,10 @@ _local = threading.local()
 
 
 def list_page(client: Any, bucket: str, prefix: str, start_after: str = "", token: str | None = None,
-              delimited: bool = False) -> Page:
+              delimited: bool = False, detailed: bool = False) -> Page:
     """One ListObjectsV2 request through the boto3 ``client`` (its retries, its errors): the page
-    of ``prefix`` after ``start_after`` (or at ``token``), with ``Delimiter="/"`` if ``delimited``.
+    of ``prefix`` after ``start_after`` (or at ``token``), with ``Delimiter="/"`` if ``delimited``;
+    with ``detailed``, each key a ``Listed`` (its size, LastModified and ETag).
 
     A successful answer is parsed here (``_parse_fast``, hooked into this thread's request only);
     anything else, error answers included, by botocore as usual.
@@ -127,7 +131,7 @@ def list_page(client: Any, bucket: str, prefix: str, start_after: str = "", toke
     if delimited:
         params["Delimiter"] = _DELIMITER
     client.meta.events.register(_EVENT, _parse_fast, unique_id="clipmask-list-parse")
-    _local.page, _local.active = None, True
+    _local.page, _local.active, _local.detailed = None, True, detailed
     try:
         response = client.list_objects_v2(**params)
     finally:
@@ -135,6 +139,11 @@ def list_page(client: Any, bucket: str, prefix: str, start_after: str = "", toke
     page, _local.page = _local.page, None
     if page is not None:
         return page
+    if detailed:
+        return Page([Listed(item["Key"], item["Size"], item["LastModified"].timestamp(), item.get("ETag"))
+                     for item in response.get("Contents", ())],
+                    [item["Prefix"] for item in response.get("CommonPrefixes", ())],
+                    response.get("NextContinuationToken") if response.get("IsTruncated") else None)
     return Page([item["Key"] for item in response.get("Contents", ())],
                 [item["Prefix"] for item in response.get("CommonPrefixes", ())],
                 response.get("NextContinuationToken") if response.get("IsTruncated") else None)
@@ -150,8 +159,9 @@ def _parse_fast(response_dict: dict, **_: Any) -> None:
     if not isinstance(body, bytes):
         return
     try:
-        page = _scan(body.decode()) or _parse_tree(body)
-    except (ET.ParseError, UnicodeDecodeError, ValueError):
+        detailed = getattr(_local, "detailed", False)
+        page = _scan(body.decode(), detailed) or _parse_tree(body, detailed)
+    except (ET.ParseError, UnicodeDecodeError, ValueError, TypeError):
         return  # botocore's parser says what is wrong
     if page is not None:
         _local.page = page
@@ -167,37 +177,84 @@ _FIELDS = {name: re.compile(rf"<{name}>([^<]*)</{name}>")
            for name in ("KeyCount", "IsTruncated", "NextContinuationToken", "EncodingType")}
 
 
-def _scan(text: str) -> Page | None:
+#: An object's fields in a detailed page, Key first in each <Contents> as S3 writes it.
+_OBJECT_FIELDS = re.compile(r"<(Key|LastModified|ETag|Size)>([^<]*)</\1>")
+_DETAILS = ("LastModified", "ETag", "Size")
+
+
+def _scan(text: str, detailed: bool = False) -> Page | None:
     """The page, read with regular expressions (a tenth of building a tree); None where the
     answer is not written as S3 writes it, for ``_parse_tree`` to read."""
     if not _ROOT.match(text) or "<![CDATA[" in text or ":Key>" in text or ":Prefix>" in text:
         return None
     fields = {name: match.group(1) if (match := pattern.search(text)) else None for name, pattern in _FIELDS.items()}
-    keys, prefixes = _KEY.findall(text), _PREFIX.findall(text)
+    objects = _scan_objects(text) if detailed else None
+    if detailed and objects is None:
+        return None
+    keys = [fields_of["Key"] for fields_of in objects] if objects is not None else _KEY.findall(text)
+    prefixes = _PREFIX.findall(text)
     if fields["KeyCount"] is not None and int(fields["KeyCount"]) != len(keys) + len(prefixes):
         return None
-    if "&" in text:
+    escaped = "&" in text
+    if escaped:
         keys, prefixes = [html.unescape(key) for key in keys], [html.unescape(sub) for sub in prefixes]
+    details = None
+    if objects is not None:
+        details = [(item["LastModified"], html.unescape(item["ETag"]) if escaped else item["ETag"], item["Size"])
+                   for item in objects]
     return _page(keys, prefixes, fields["IsTruncated"] == "true", fields["NextContinuationToken"],
-                 fields["EncodingType"] == "url")
+                 fields["EncodingType"] == "url", details)
 
 
-def _parse_tree(body: bytes) -> Page | None:
+def _scan_objects(text: str) -> list[dict[str, str]] | None:
+    """Each <Contents>' Key, LastModified, ETag and Size; None unless every object has the four,
+    its Key first."""
+    objects: list[dict[str, str]] = []
+    current: dict[str, str] | None = None
+    for tag, value in _OBJECT_FIELDS.findall(text):
+        if tag == "Key":
+            current = {"Key": value}
+            objects.append(current)
+        elif current is None or tag in current:
+            return None
+        else:
+            current[tag] = value
+    if any(len(item) != 4 for item in objects):
+        return None
+    return objects
+
+
+def _parse_tree(body: bytes, detailed: bool = False) -> Page | None:
     """The page, read with ElementTree; None if the answer is not a ListBucketResult."""
     root = ET.fromstring(body)
     ns = root.tag[:root.tag.find("}") + 1]
     if root.tag[len(ns):] != "ListBucketResult":
         return None
-    keys = [node.text or "" for node in root.iterfind(f"{ns}Contents/{ns}Key")]
+    contents = list(root.iterfind(f"{ns}Contents"))
+    keys = [node.findtext(ns + "Key") or "" for node in contents]
+    details = None
+    if detailed:
+        details = [(node.findtext(ns + "LastModified"), node.findtext(ns + "ETag"), node.findtext(ns + "Size"))
+                   for node in contents]
     prefixes = [node.text or "" for node in root.iterfind(f"{ns}CommonPrefixes/{ns}Prefix")]
     return _page(keys, prefixes, root.findtext(ns + "IsTruncated") == "true",
-                 root.findtext(ns + "NextContinuationToken"), root.findtext(ns + "EncodingType") == "url")
+                 root.findtext(ns + "NextContinuationToken"), root.findtext(ns + "EncodingType") == "url", details)
 
 
-def _page(keys: list[str], prefixes: list[str], truncated: bool, token: str | None, url_encoded: bool) -> Page:
+def _page(keys: list[str], prefixes: list[str], truncated: bool, token: str | None, url_encoded: bool,
+          details: list[tuple] | None = None) -> Page:
+    """The page; with ``details`` (LastModified, ETag, Size of each key, as text), its keys ``Listed``."""
     if url_encoded:
         keys, prefixes = [_url_decode(key) for key in keys], [_url_decode(sub) for sub in prefixes]
+    if details is not None:
+        keys = [Listed(key, int(size), _timestamp(modified), etag)
+                for key, (modified, etag, size) in zip(keys, details)]
     return Page(keys, prefixes, (token or None) if truncated else None)
+
+
+def _timestamp(text: str) -> float:
+    """S3's LastModified ("2026-12-05T08:00:00.000Z") in seconds since the epoch."""
+    return datetime.fromisoformat(text).timestamp()
 
 
 def _url_decode(text: str) -> str:

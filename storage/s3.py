@@ -39,7 +39,7 @@ import obstore
 from botocore import exceptions as boto_errors
 from urllib3 import exceptions as urllib3_errors
 
-from storage.base import ObjectStore, check_chunks, check_data, check_key, check_prefix, check_start_after
+from storage.base import Listed, ObjectStore, check_chunks, check_data, check_key, check_prefix, check_start_after
 from storage.errors import OBSTORE_ERRORS, translate_obstore_error, translate_s3_error
 from storage.listing import LIST_CONCURRENCY, Page, list_page, parallel_keys, sequential_keys
 from storage.s3_clients import shared_client, shared_data_store
@@ -102,10 +102,15 @@ class S3Store(ObjectStore):
         Raises FileNotFoundError (missing key or bucket), PermissionError,
         ConnectionError (transient) or StorageError.
         """
+        return self.read_object(key)[0]
+
+    def read_object(self, key: str) -> tuple[bytes, str | None]:
+        """The object's content and ETag, from one GET; raises as ``read_bytes``."""
         url = self.url_for(key)
         store = self._data(url)
         try:
-            return bytes(obstore.get(store, self._prefix + key).bytes())
+            result = obstore.get(store, self._prefix + key)
+            return bytes(result.bytes()), result.meta.get("e_tag")
         except OBSTORE_ERRORS as err:
             raise translate_obstore_error(err, url) from err
 
@@ -189,16 +194,27 @@ class S3Store(ObjectStore):
         after = check_start_after(start_after)
         return self._iter_keys(self._prefix + prefix, self._prefix + after if after else "")
 
-    def _iter_keys(self, full_prefix: str, full_start_after: str) -> Iterator[str]:
+    def list_entries(self, prefix: str = "", start_after: str | None = None) -> Iterator[Listed]:
+        """``list``, each key with the Size, LastModified and ETag of its listing's answer."""
+        check_prefix(prefix)
+        after = check_start_after(start_after)
+        return self._iter_keys(self._prefix + prefix, self._prefix + after if after else "", detailed=True)
+
+    def _iter_keys(self, full_prefix: str, full_start_after: str, detailed: bool = False) -> Iterator[str]:
         """Yield keys (relative to the store root) of objects under ``full_prefix``."""
         start = len(self._prefix)
+        fetch = self._list_detailed if detailed else self._list_page
         if self.list_concurrency == 1:
-            keys = sequential_keys(self._list_page, full_prefix, full_start_after)
+            keys = sequential_keys(fetch, full_prefix, full_start_after)
         else:
-            keys = parallel_keys(self._list_page, full_prefix, full_start_after, self.list_concurrency)
+            keys = parallel_keys(fetch, full_prefix, full_start_after, self.list_concurrency)
         try:
-            for key in keys:
-                yield key[start:]
+            if detailed:
+                for key in keys:
+                    yield key.moved(key[start:])
+            else:
+                for key in keys:
+                    yield key[start:]
         except _BOTO_ERRORS as err:
             raise translate_s3_error(err, self.url + full_prefix[start:]) from err
         finally:
@@ -207,6 +223,10 @@ class S3Store(ObjectStore):
     def _list_page(self, full_prefix: str, full_start_after: str, token: str | None, delimited: bool) -> Page:
         """One ListObjectsV2 page of ``full_prefix`` (boto3's errors untranslated)."""
         return list_page(self._s3(), self._bucket, full_prefix, full_start_after, token, delimited)
+
+    def _list_detailed(self, full_prefix: str, full_start_after: str, token: str | None, delimited: bool) -> Page:
+        """``_list_page``, its keys ``Listed``."""
+        return list_page(self._s3(), self._bucket, full_prefix, full_start_after, token, delimited, detailed=True)
 
     def _s3(self) -> Any:
         """Return this process's boto3 S3 client, creating it on first use."""

@@ -195,8 +195,9 @@ def _run_chunk(task, jobs: JobIndex, files: JobFiles, chunk: int, size: int, con
     kept = state.kept_for(len(keys))
     source, spec = open_store(record["source"]), MaskSpec.from_dict(record["spec"])
     marker = None if files.dest.networked else files.keys["job"]  # a local DST: still the job's folder?
-    pipeline = Pipeline(lifecycle.engine(), source, files.dest, spec, record["skip_existing"], context,
-                        _deadline(task), dest_marker=marker)
+    skip_existing = record["skip_existing"] and not record.get("planned_new")  # else its plan holds what is new
+    pipeline = Pipeline(lifecycle.engine(), source, files.dest, spec, skip_existing, context, _deadline(task),
+                        dest_marker=marker)
     fresh = pipeline.run([key for key, mark in zip(keys, kept) if mark == TODO])
     outcomes = [next(fresh) if mark == TODO else kept_outcome(source, files.dest, spec, key, _STATUSES[mark])
                 for key, mark in zip(keys, kept)]
@@ -263,7 +264,8 @@ def finish_job(self, job_id: str, dest: str) -> dict | None:
             raise IncompleteJobError(f"job {job_id}: planning is not over")
         cancelled = data.get("cancelled") == "1"
         counter = write_job_manifest(files, open_store(record["source"]), planned["chunks"], cancelled)
-        summary = write_summary(files, record, counter.counts, "cancelled" if cancelled else "finished")
+        summary = write_summary(files, record, counter.counts, "cancelled" if cancelled else "finished",
+                                up_to_date=planned.get("up_to_date", 0))
         jobs.mark_finished(job_id, counter.counts, counter.total, summary["manifest"])
     except IncompleteJobError as err:
         log.warning("[job %s] not finished: %s; the healing check sends the missing chunks again", job_id, err)

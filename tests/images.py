@@ -55,3 +55,11 @@ def images_in(folder: Path, count: int) -> list[str]:
         (folder / key).parent.mkdir(parents=True, exist_ok=True)
         (folder / key).write_bytes(png(i))
     return keys
+
+
+def write_tree(root, keys, data: bytes = b"x") -> None:
+    """Files at ``root / key`` for each key, holding ``data``, folders made as needed."""
+    for key in keys:
+        path = root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)

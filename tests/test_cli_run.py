@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 
 import boto3
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.images import sample_inputs
+from tests.images import encoded, noise_image, sample_inputs
 from tests.processes import clipmask
 from tests.reference import reference_mask
 from worker.codecs import decode_image
@@ -68,14 +69,24 @@ def test_run_reads_and_writes_s3_urls(image_dir, tmp_path, run_env, s3_env, s3_b
     assert "masks/photos/cat.jpg.mask.png" in keys and "masks/alpha.png.json" in keys
 
 
-def test_run_skip_existing_leaves_finished_images_alone(image_dir, tmp_path, run_env):
+def test_run_skip_existing_masks_new_and_changed_images_only(image_dir, tmp_path, run_env):
     out = tmp_path / "out"
     args = ["run", str(image_dir), "--out", str(out), "--prompt", "dog", "--quiet", "--device", "cpu"]
-    clipmask(*args, env=run_env)
-    before = (out / "photos/cat.jpg.json").read_text()
+    assert clipmask(*args, env=run_env).returncode == 1  # the corrupt image
+    kept = {key: (out / key).stat().st_mtime_ns for key in ("alpha.png.json", "alpha.png.mask.png")}
+    # Given one image replaced with new content and one added, after the outputs were written
+    time.sleep(1.1)
+    encoded_new = encoded(noise_image(128, 96, 3), "JPEG")
+    (image_dir / "photos/cat.jpg").write_bytes(encoded_new)
+    (image_dir / "photos/new.jpg").write_bytes(encoded_new)
+    # When run again with --skip-existing
     again = clipmask(*args, "--skip-existing", env=run_env)
-    assert "0 succeeded, 1 failed, 4 skipped" in again.stdout
-    assert (out / "photos/cat.jpg.json").read_text() == before
+    # Then the two are masked (and the corrupt one tried again), the rest left alone
+    assert "2 succeeded, 1 failed, 0 skipped, 3 up to date" in again.stdout, again.stdout + again.stderr
+    record = json.loads((out / "photos/cat.jpg.json").read_text())
+    assert (record["width"], record["height"]) == (128, 96)
+    assert Image.open(out / "photos/cat.jpg.mask.png").size == (128, 96)
+    assert {key: (out / key).stat().st_mtime_ns for key in kept} == kept
 
 
 @pytest.mark.parametrize("args, message", [

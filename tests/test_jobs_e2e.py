@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.images import encoded, sample_inputs
+from tests.images import encoded, noise_image, sample_inputs, write_tree
 from tests.processes import Worker, clipmask, job_status, wait_for
+from tests.services import FaultyProxy
 from worker.spec import MaskSpec
 
 PROMPT, NEGATIVE = "a cat|dog", "tree"
@@ -157,13 +158,65 @@ def test_a_killed_worker_loses_no_image(bucket_with_inputs, job_env, start_worke
     assert len(manifest) == 5
 
 
-def test_submit_with_skip_existing_skips_what_a_previous_job_masked(bucket_with_inputs, job_env, start_worker):
+def test_submit_skip_existing_plans_only_what_is_new_without_a_request_per_image(
+        bucket_with_inputs, job_env, start_worker, moto_server):
     bucket = bucket_with_inputs
+    s3 = boto3.client("s3")
+    same = encoded(noise_image(96, 72, 1), "PNG")
+    for i in range(30):
+        s3.put_object(Bucket=bucket, Key=f"in/many/{i:02d}.png", Body=same)
     worker = start_worker()
-    first = wait_for(submit(bucket, job_env), job_env, worker=worker)
-    assert first["succeeded"] == 4
-    second = wait_for(submit(bucket, job_env, "--skip-existing"), job_env, worker=worker)
-    assert (second["skipped"], second["succeeded"], second["failed"]) == (4, 0, 1)
+    first = wait_for(submit(bucket, job_env, "--chunk-size", "8"), job_env, worker=worker)
+    assert (first["succeeded"], first["failed"]) == (34, 1)
+    worker.stop_quietly()
+
+    def modified(key):
+        return s3.head_object(Bucket=bucket, Key=key)["LastModified"]
+
+    unchanged = {key: modified(key) for key in ("out/many/05.png.json", "out/many/05.png.mask.png")}
+    # Given two images replaced with new content and two added, a second later (S3's time resolution)
+    time.sleep(1.1)
+    changed = encoded(noise_image(128, 96, 2), "PNG")
+    for key in ("in/many/03.png", "in/many/17.png", "in/new/a.png", "in/new/b.png"):
+        s3.put_object(Bucket=bucket, Key=key, Body=changed)
+    # When a submit with --skip-existing and its worker go through a proxy that records each request
+    with FaultyProxy(moto_server.endpoint, slowdown=0, drop=0) as proxy:
+        env = {**job_env, "AWS_ENDPOINT_URL_S3": proxy.endpoint}
+        worker = start_worker("w2", AWS_ENDPOINT_URL_S3=proxy.endpoint)
+        status = wait_for(submit(bucket, env, "--skip-existing", "--chunk-size", "8"), env, worker=worker)
+        seen = list(proxy.seen)
+    # Then the four are masked, the corrupt image tried again, the 32 others counted up to date
+    assert (status["succeeded"], status["failed"], status["skipped"], status["up_to_date"]) == (4, 1, 0, 32)
+    record = json.loads(s3.get_object(Bucket=bucket, Key="out/many/17.png.json")["Body"].read())
+    assert (record["width"], record["height"], record["source_size"]) == (128, 96, len(changed))
+    assert record["source_etag"] == s3.head_object(Bucket=bucket, Key="in/many/17.png")["ETag"]
+    assert {key: modified(key) for key in unchanged} == unchanged
+    # and no request went to an image that was up to date, or to its outputs
+    heads = [path for method, path in seen if method == "HEAD" and f"/{bucket}/out/_jobs/" not in path]
+    assert heads == []  # a chunk may look for its own results file, never for an image's record
+    touched = {path.split("?")[0].split(f"/{bucket}/", 1)[-1] for method, path in seen if method in ("GET", "PUT")}
+    images = {key for key in touched if key.startswith("in/")}
+    assert images == {"in/many/03.png", "in/many/17.png", "in/new/a.png", "in/new/b.png", "in/photos/broken.jpg"}
+    outputs = {key for key in touched if key.startswith("out/") and not key.startswith("out/_jobs/")}
+    masked = {image.removeprefix("in/") for image in images}
+    written = {image + suffix for image in masked for suffix in (".mask.png", ".raw.png", ".json")}
+    assert {key.removeprefix("out/") for key in outputs} <= written
+    manifest = s3.get_object(Bucket=bucket, Key=f"out/_jobs/{status['job_id']}/manifest.jsonl")["Body"]
+    assert len(manifest.read().splitlines()) == 5
+
+
+def test_submit_with_nothing_new_creates_no_job(s3_bucket, job_env, tmp_path):
+    # Given a folder whose images all have records newer than them
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_tree(src, ["a.png", "b/c.jpg"], sample_inputs()["alpha.png"])
+    time.sleep(0.05)
+    write_tree(out, ["a.png.json", "b/c.jpg.json"], b"{}")
+    # When submitted with --skip-existing
+    result = clipmask("submit", str(src), "--out", str(out), "--prompt", PROMPT, "--skip-existing", env=job_env)
+    # Then it says so, succeeds, and records no job
+    assert result.returncode == 0, result.stderr
+    assert "nothing new" in result.stderr and "2 images" in result.stderr
+    assert not (out / "_jobs").exists() or not any((out / "_jobs").iterdir())
 
 
 def test_submit_rejects_an_empty_source_and_a_bad_option(s3_bucket, job_env):
@@ -283,7 +336,7 @@ def test_scheduled_scan_masks_only_new_images(bucket_with_inputs, job_env, start
     second = app.send_task("clipmask.scheduled_scan", kwargs=scan, queue=queue).get(timeout=120)
     # Then only the new image is masked
     status = wait_for(second, job_env, worker=worker)
-    assert (status["succeeded"], status["skipped"], status["failed"]) == (1, 4, 1)
+    assert (status["succeeded"], status["skipped"], status["failed"], status["up_to_date"]) == (1, 0, 1, 4)
 
 
 def test_beat_schedule_comes_from_the_environment(job_env):

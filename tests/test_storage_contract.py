@@ -12,6 +12,7 @@ import os
 import pickle
 import random
 import sys
+import time
 import types
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -230,6 +231,30 @@ def test_list_of_more_than_1000_keys_returns_them_all(store):
     assert list(store.list("many/")) == keys
     # and a listing resumed after a key of the first page goes on across pages
     assert list(store.list("many/", start_after=keys[998])) == keys[999:]
+
+
+def test_list_entries_give_each_object_its_size_time_and_etag(store):
+    # Given objects written in two rounds, the second a second later
+    before = time.time()
+    store.write_bytes("old/a.jpg", b"a" * 10)
+    store.write_bytes("old/b.jpg", b"b" * 20)
+    time.sleep(1.1)
+    store.write_bytes("new/c.jpg", b"c" * 30)
+    after = time.time()
+    # When listed with their details
+    entries = list(store.list_entries())
+    # Then the keys are those of list(), each with its size and a modification time in order
+    assert entries == list(store.list()) == ["new/c.jpg", "old/a.jpg", "old/b.jpg"]
+    assert [entry.size for entry in entries] == [30, 10, 20]
+    by_key = {str(entry): entry for entry in entries}
+    assert before - 1 <= by_key["old/a.jpg"].modified < by_key["new/c.jpg"].modified <= after + 1
+    # and on S3 the ETag the same object's GET answers with
+    for entry in entries:
+        _, etag = store.read_object(entry)
+        assert entry.etag == etag and (etag is not None) == is_s3(store)
+    # and a listing after a key, under a prefix, keeps the details
+    [only] = store.list_entries("old/", start_after="old/a.jpg")
+    assert (only, only.size) == ("old/b.jpg", 20)
 
 
 AFTERS = ["", "0", "a", "a-b", "a/", "a/c", "a/d", "a/d/", "a/d/e", "a/d/f", "a0", "b",

@@ -43,11 +43,14 @@ def encode_masks(result: MaskResult, spec: MaskSpec) -> dict[str, bytes]:
 
 def metadata_record(*, source: str, size: tuple[int, int], spec: MaskSpec, model: dict,
                     result: MaskResult, outputs: dict[str, str], timings_ms: dict,
-                    worker: dict) -> dict:
-    """The ``R.json`` record; ``outputs`` maps role to the full URL of each output."""
+                    worker: dict, source_size: int | None = None, source_etag: str | None = None) -> dict:
+    """The ``R.json`` record; ``outputs`` maps role to the full URL of each output;
+    ``source_size`` and ``source_etag`` say which version of the source was masked."""
     width, height = size
     return {
         "source": source,
+        "source_size": source_size,
+        "source_etag": source_etag,
         "width": width,
         "height": height,
         "prompts": list(spec.prompts),

@@ -33,7 +33,8 @@ def run(args: argparse.Namespace, _extra: list[str]) -> int:
     engine = MaskEngine.load(args.model, args.device, args.precision, args.batch_size)
     summary = run_local(source, dest, spec, engine, total=total, skip_existing=args.skip_existing,
                         progress=not args.quiet)
-    print(f"{summary['succeeded']} succeeded, {summary['failed']} failed, {summary['skipped']} skipped; "
+    up_to_date = f", {summary['up_to_date']} up to date" if args.skip_existing else ""
+    print(f"{summary['succeeded']} succeeded, {summary['failed']} failed, {summary['skipped']} skipped{up_to_date}; "
           f"manifest: {summary['manifest']}")
     return 1 if summary["failed"] else 0
 
@@ -45,9 +46,15 @@ def submit(args: argparse.Namespace, _extra: list[str]) -> int:
         print(f"job {job_id}: planning {args.source} -> {args.out}; if this is interrupted, "
               f"finish the plan with: clipmask resume {job_id}", file=sys.stderr)
 
-    with _ProgressBar("queued") as bar:
-        job_id = submit_job(args.source, args.out, spec_from_args(args), chunk_size=args.chunk_size,
-                            skip_existing=args.skip_existing, on_named=named, on_chunk=bar.update)
+    from tasks.errors import NothingNewError
+
+    try:
+        with _ProgressBar("queued") as bar:
+            job_id = submit_job(args.source, args.out, spec_from_args(args), chunk_size=args.chunk_size,
+                                skip_existing=args.skip_existing, on_named=named, on_chunk=bar.update)
+    except NothingNewError as err:
+        print(f"clipmask submit: {err}", file=sys.stderr)
+        return 0
     print(f"submitted; follow it with: clipmask status {job_id} --watch", file=sys.stderr)
     print(job_id)
     return 0

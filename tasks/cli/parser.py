@@ -63,7 +63,10 @@ def _mask_options() -> argparse.ArgumentParser:
                        default=("mask", "raw"), metavar="mask[,raw]",
                        help="image files to write: mask (0/255) and/or raw (default mask,raw); mask alone "
                             "halves the encoding work")
-    group.add_argument("--skip-existing", action="store_true", help="skip images whose outputs already exist")
+    group.add_argument("--skip-existing", action="store_true", help="mask only what is new or changed: an image whose "
+                       "metadata record under DST is newer than it is left alone; one modified since its record "
+                       "was written is masked again. Found from the listings of SRC and DST side by side, with "
+                       "no request per image")
     return parent
 
 

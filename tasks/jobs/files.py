@@ -91,11 +91,13 @@ class JobFiles:
             last += 1
         return None if last < 0 else self.read_plan(last)
 
-    def write_planned(self, chunks: int, total: int) -> None:
-        self.dest.write_bytes(self.keys["planned"], dumps({"chunks": chunks, "total": total}), "application/json")
+    def write_planned(self, chunks: int, total: int, up_to_date: int | None = None) -> None:
+        planned = {"chunks": chunks, "total": total, **({"up_to_date": up_to_date} if up_to_date is not None else {})}
+        self.dest.write_bytes(self.keys["planned"], dumps(planned), "application/json")
 
     def read_planned(self) -> dict | None:
-        """``{"chunks", "total"}`` once planning is over, else None."""
+        """``{"chunks", "total"}`` once planning is over (with ``up_to_date``, the images a plan
+        of what is new left out), else None."""
         try:
             return json.loads(self.dest.read_bytes(self.keys["planned"]))
         except FileNotFoundError:

@@ -117,19 +117,27 @@ class JobIndex:
             pipe.sadd(ACTIVE, job_id)
             pipe.execute()
 
-    def plan_chunk(self, job_id: str, chunks: int, total: int) -> tuple[bool, Claims]:
-        """Note that ``chunks`` chunks of ``total`` keys are planned, and beat the planner's heart;
-        returns (cancelled meanwhile, the chunks to queue now)."""
+    def plan_chunk(self, job_id: str, chunks: int, total: int, up_to_date: int | None = None) -> tuple[bool, Claims]:
+        """Note that ``chunks`` chunks of ``total`` keys are planned (and, for a plan of what is
+        new, how many images were found ``up_to_date``), and beat the planner's heart; returns
+        (cancelled meanwhile, the chunks to queue now)."""
+        self._note_up_to_date(job_id, up_to_date)
         reply = self._run("PLAN_CHUNK", job_id, chunks, total, time.time())
         return reply[0] == 1, _pairs(reply[1:])
+
+    def _note_up_to_date(self, job_id: str, up_to_date: int | None) -> None:
+        if up_to_date is not None:
+            self.redis.hset(self._key(job_id), "up_to_date", up_to_date)
 
     def claim_planning(self, job_id: str, chunks: int, total: int) -> None:
         """Make this process the job's planner again (``resume``) at ``chunks``/``total``."""
         self.redis.hset(self._key(job_id), mapping={
             "planner": this_planner(), "planner_beat": time.time(), "chunks": chunks, "total": total})
 
-    def finish_planning(self, job_id: str, chunks: int, total: int) -> tuple[bool, Claims]:
+    def finish_planning(self, job_id: str, chunks: int, total: int,
+                        up_to_date: int | None = None) -> tuple[bool, Claims]:
         """Planning is over; returns (every chunk already done: finish the job, chunks to queue)."""
+        self._note_up_to_date(job_id, up_to_date)
         reply = self._run("FINISH_PLANNING", job_id, chunks, total, time.time())
         return reply[0] == 1, _pairs(reply[1:])
 
@@ -236,6 +244,7 @@ def job_status(job_id: str, data: dict) -> dict:
     planned = data.get("planned") == "1"
     return {
         "job_id": job_id, "state": _state(data), "total": int(data.get("total", 0)), **counts,
+        "up_to_date": int(data.get("up_to_date", 0)),
         "done": done, "chunks": int(data.get("chunks", 0)), "chunks_done": int(data.get("chunks_done", 0)),
         "chunks_queued": int(data.get("sent", 0)) - int(data.get("chunks_done", 0)),
         "planned": planned, "planning_interrupted": planning_interrupted(data),

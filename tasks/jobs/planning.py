@@ -14,8 +14,9 @@ from typing import Callable, Iterable, Iterator
 
 from storage import open_store
 from tasks import settings
-from tasks.errors import PlanningBusyError, UsageError
+from tasks.errors import NothingNewError, PlanningBusyError, UsageError
 from tasks.jobs.files import JobFiles, PlanChunk
+from tasks.jobs.incremental import Scan
 from tasks.jobs.index import JobIndex, new_job_id, now_iso, planning_interrupted
 from tasks.jobs.listing import chunked, image_keys, no_images
 from tasks.jobs.preflight import check_source, check_writable
@@ -51,29 +52,41 @@ def submit_job(source_url: str, dest_url: str, spec: MaskSpec, *, chunk_size: in
     job_id = new_job_id()
     if on_named:
         on_named(job_id)
-    keys = image_keys(source)
+    scan = Scan(source, dest) if skip_existing else None
+    keys = scan.keys() if scan else image_keys(source)
     first = next(keys, None)
     if first is None:
+        if scan and scan.up_to_date:
+            raise NothingNewError(f"nothing new under {source.url}: all {scan.up_to_date:,} images have records in "
+                                  f"{dest.url} newer than them; no job was created", scan.up_to_date)
         raise no_images(source)
     record = {"job_id": job_id, "source": source.url, "dest": dest.url, "spec": spec.to_dict(),
               "skip_existing": skip_existing, "chunk_size": chunk_size, "created_at": now_iso(),
               "window": settings.JOB_WINDOW.get(), "queue": default_queue()}
+    if scan:  # the plan holds only what is new or changed: workers mask every key of it
+        record["planned_new"] = True
     files = JobFiles(dest, job_id)
     files.write_job(record)
     jobs = jobs or JobIndex.from_env()
     jobs.create(job_id, record)
-    plan_chunks(jobs, files, record, chain([first], keys), on_chunk=on_chunk)
-    log.info("job %s: %s -> %s planned", job_id, source.url, dest.url)
+    plan_chunks(jobs, files, record, chain([first], keys), on_chunk=on_chunk, scan=scan)
+    log.info("job %s: %s -> %s planned%s", job_id, source.url, dest.url,
+             f" ({scan.new:,} new, {scan.changed:,} changed, {scan.up_to_date:,} up to date)" if scan else "")
     return job_id
 
 
 def plan_chunks(jobs: JobIndex, files: JobFiles, record: dict, keys: Iterable[str], chunk: int = 0,
-                total: int = 0, on_chunk: Callable[[int], None] | None = None) -> int:
+                total: int = 0, on_chunk: Callable[[int], None] | None = None, scan: Scan | None = None,
+                up_to_date: int = 0) -> int:
     """Plan ``keys`` as chunks ``chunk``, ``chunk + 1``, ... after ``total`` keys planned before,
     queueing those that fit the job's window; stop early if the job is cancelled. Returns the
     job's total. Plan files are written a few at a time (``ordered_map``), each before the index
-    counts it, so that no chunk is queued before its plan is in storage."""
+    counts it, so that no chunk is queued before its plan is in storage. ``scan``, where the keys
+    come from one, counts the images found up to date, after ``up_to_date`` found before."""
     job_id, dest = files.job_id, record["dest"]
+
+    def found_up_to_date() -> int | None:
+        return up_to_date + scan.up_to_date if scan else None
 
     def numbered(number: int, first: int) -> Iterator[PlanChunk]:
         for keys_of_chunk in chunked(keys, record["chunk_size"]):
@@ -93,13 +106,13 @@ def plan_chunks(jobs: JobIndex, files: JobFiles, record: dict, keys: Iterable[st
             if time.monotonic() - indexed_at < INDEX_EVERY_S:
                 continue  # the index learns of this chunk with a later one, or at the end
             indexed_at = time.monotonic()
-            cancelled, claims = jobs.plan_chunk(job_id, chunk, total)
+            cancelled, claims = jobs.plan_chunk(job_id, chunk, total, found_up_to_date())
             send_claims(job_id, dest, claims, prod)
             if cancelled:
                 log.info("job %s cancelled while planning: %d keys planned", job_id, total)
                 break
-        files.write_planned(chunk, total)
-        complete, claims = jobs.finish_planning(job_id, chunk, total)
+        files.write_planned(chunk, total, found_up_to_date())
+        complete, claims = jobs.finish_planning(job_id, chunk, total, found_up_to_date())
         send_claims(job_id, dest, claims, prod)
     if complete:
         send_finish(job_id, dest)
@@ -178,5 +191,8 @@ def _continue_plan(jobs: JobIndex, files: JobFiles, record: dict, data: dict,
     chunk, total, after = (last.chunk + 1, last.end, last.keys[-1]) if last else (0, 0, None)
     jobs.claim_planning(files.job_id, chunk, total)
     cancelled = data.get("cancelled") == "1"  # then only the plan's end is written
-    keys = () if cancelled else image_keys(open_store(record["source"]), start_after=after)
-    return plan_chunks(jobs, files, record, keys, chunk, total, on_chunk) - total
+    source = open_store(record["source"])
+    scan = Scan(source, files.dest, after) if record.get("planned_new") else None
+    keys = () if cancelled else scan.keys() if scan else image_keys(source, start_after=after)
+    up_to_date = int(data.get("up_to_date") or 0)
+    return plan_chunks(jobs, files, record, keys, chunk, total, on_chunk, scan, up_to_date) - total

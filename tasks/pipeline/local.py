@@ -6,6 +6,7 @@ from tqdm import tqdm
 
 from storage import ObjectStore
 from tasks.jobs.files import JobFiles
+from tasks.jobs.incremental import Scan
 from tasks.jobs.index import new_job_id, now_iso
 from tasks.jobs.listing import image_keys
 from tasks.jobs.manifest import CountingLines, write_summary
@@ -25,13 +26,24 @@ def run_local(source: ObjectStore, dest: ObjectStore, spec: MaskSpec, engine: Ma
     run_id = new_job_id()
     record = {"source": source.url, "dest": dest.url, "spec": spec.to_dict(), "created_at": now_iso()}
     files, counter = JobFiles(dest, run_id), CountingLines()
-    pipeline = Pipeline(engine, source, dest, spec, skip_existing, f"run {run_id}")
+    scan = Scan(source, dest) if skip_existing else None  # what is new or changed, from the two listings
+    pipeline = Pipeline(engine, source, dest, spec, False, f"run {run_id}")
     with tqdm(total=total, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        passed = 0  # images found up to date that the bar counted
+
+        def count_up_to_date() -> None:
+            nonlocal passed
+            if scan and scan.up_to_date > passed:
+                bar.update(scan.up_to_date - passed)
+                passed = scan.up_to_date
+
         def rows():
-            for outcome in pipeline.run(image_keys(source)):
+            for outcome in pipeline.run(scan.keys() if scan else image_keys(source)):
                 yield outcome.row()
                 bar.update()
-                bar.set_postfix(counter.counts, refresh=False)
+                count_up_to_date()
+                bar.set_postfix({**counter.counts, **({"up_to_date": passed} if scan else {})}, refresh=False)
 
         dest.write_stream(files.keys["manifest"], counter.rows(rows()), "application/x-ndjson")
-    return write_summary(files, record, counter.counts, "finished")
+        count_up_to_date()
+    return write_summary(files, record, counter.counts, "finished", up_to_date=scan.up_to_date if scan else 0)

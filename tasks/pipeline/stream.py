@@ -103,6 +103,8 @@ class _Loaded:
     outcome: Outcome | None = None  # set when the input already has its outcome
     timings_ms: dict = field(default_factory=dict)
     data: bytes | None = None  # the file, between its read and its decoding
+    source_size: int | None = None
+    source_etag: str | None = None  # which version of the source was read (S3's ETag)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -328,7 +330,8 @@ class Pipeline:
                 item.outcome = Outcome(key, self.source.url_for(key), "skipped")
                 return item
             started = time.perf_counter()
-            item.data = self.source.read_bytes(key)
+            item.data, item.source_etag = self.source.read_object(key)
+            item.source_size = len(item.data)
             item.timings_ms = {"download": (time.perf_counter() - started) * 1e3}
             with self._read_lock:
                 self._read[0] += 1
@@ -385,6 +388,7 @@ class Pipeline:
         record = metadata_record(
             source=self.source.url_for(item.key), size=item.size, spec=self.spec,
             model=self.engine.model_info, result=result, outputs=urls, timings_ms=timings, worker=worker,
+            source_size=item.source_size, source_etag=item.source_etag,
         )
         self.dest.write_bytes(keys["metadata"], encode_metadata(record), "application/json")
         log.info("%smasked %s (coverage %.3f)", self._prefix(), item.key, result.coverage)

@@ -115,6 +115,8 @@ class FaultyProxy:
         self.port = port or free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.requests = self.slowdowns = self.drops = self.max_in_flight = 0
+        #: (method, path with its query) of every request served, in arrival order.
+        self.seen: list[tuple[str, str]] = []
         self.delay_s = delay_s
         self.in_flight: list[str] = []
         self._together: set[tuple[str, str]] = set()
@@ -198,9 +200,10 @@ class FaultyProxy:
                 return "slowdown"
         return "drop" if value < self.slowdown + self.drop else None
 
-    def enter(self, path: str) -> None:
-        """A request for ``path`` is being served: remember what it overlaps."""
+    def enter(self, path: str, method: str = "GET") -> None:
+        """A request for ``path`` is being served: remember it (``seen``) and what it overlaps."""
         with self._lock:
+            self.seen.append((method, path))
             self._together.update((path, other) for other in self.in_flight)
             self._together.update((other, path) for other in self.in_flight)
             self.in_flight.append(path)
@@ -265,7 +268,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             _shutdown_quietly(self.connection)
             return
-        proxy.enter(self.path)
+        proxy.enter(self.path, self.command)
         try:
             if proxy.delay_s:
                 time.sleep(proxy.delay_s)
