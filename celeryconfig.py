@@ -8,6 +8,7 @@ clipmask's own knobs, ``CLIPMASK_*``.
 import os
 
 from tasks import settings as _settings
+from tasks.jobs import schedule as _schedule
 
 #: Where tasks are queued. Redis db 0 by default.
 broker_url = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
@@ -72,13 +73,8 @@ task_track_started = True
 task_default_queue = _settings.QUEUE.get()
 
 #: Scheduled batches for ``celery beat``: a JSON list of
-#: ``{"source": URL, "dest": URL, "prompt": "a|b", "negative": "c", "every_s": 3600}``.
-#: Each run submits a job with ``skip_existing``, so only new images are masked.
-beat_schedule = {
-    f"clipmask-scan-{i}": {
-        "task": "clipmask.scheduled_scan",
-        "schedule": float(entry.get("every_s", 3600)),
-        "kwargs": {k: v for k, v in entry.items() if k != "every_s"},
-    }
-    for i, entry in enumerate(_settings.SCHEDULE.get())
-}
+#: ``{"source": URL, "dest": URL, "prompt": "a|b", "negative": "c", "every_s": 3600}`` (or
+#: ``"cron": "0 * * * *"`` instead of ``every_s``). Each run submits a job with ``skip_existing``,
+#: one at a time per entry, and none when nothing is new (``tasks/jobs/scans.py``). A malformed
+#: entry raises here, so beat stops at start naming it (``tasks/jobs/schedule.py``).
+beat_schedule = _schedule.beat_schedule(_settings.SCHEDULE.get())

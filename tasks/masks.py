@@ -26,7 +26,7 @@ from kombu.exceptions import OperationalError
 from storage import ObjectStore, open_store
 from storage.availability import StorageUnavailableError, check_marker, is_unavailable, missing_marker
 from tasks.errors import IncompleteJobError
-from tasks.jobs import healing
+from tasks.jobs import healing, scans
 from tasks.jobs.files import JobFiles, count_statuses
 from tasks.jobs.index import JobIndex
 from tasks.jobs.manifest import write_job_manifest, write_summary
@@ -292,12 +292,7 @@ def mask_image(self, source: str, key: str, dest: str, spec: dict) -> dict:
 
 @app.task(name="clipmask.scheduled_scan")
 def scheduled_scan(source: str, dest: str, prompt: str, negative: str | None = None, **options) -> str | None:
-    """For ``celery beat``: submit a job over ``source`` that skips already-masked images."""
-    from tasks.errors import NoImagesError
-    from tasks.jobs.planning import submit_job
-
-    try:
-        return submit_job(source, dest, MaskSpec.from_text(prompt, negative, **options), skip_existing=True)
-    except NoImagesError as err:
-        log.info("scheduled scan: %s", err)
-        return None
+    """For ``celery beat``: submit a job over ``source`` that skips already-masked images, unless
+    the entry's last job has not finished or nothing is new; returns the job's id, or None
+    (``tasks/jobs/scans.py``)."""
+    return scans.run_scan(source, dest, prompt, negative, **options)

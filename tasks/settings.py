@@ -41,7 +41,7 @@ RETRY_MAX_DELAY_S = Setting("CLIPMASK_RETRY_MAX_DELAY_S", 600, "longest wait bef
 HEAL_INTERVAL = Setting("CLIPMASK_HEAL_INTERVAL", None, "seconds between the workers' checks for stalled jobs",
                         minimum=1, shown="visibility timeout / 4, 5 to 60")
 SCHEDULE = Setting("CLIPMASK_SCHEDULE", [], "beat schedule, JSON: a list of "
-                   '`{"source", "dest", "prompt", "negative", "every_s"}`', "json", shown="none")
+                   '`{"source", "dest", "prompt", "negative", "every_s" or "cron"}`', "json", shown="none")
 
 #: Every job-side variable, by name.
 SETTINGS: dict[str, Setting] = {setting.name: setting for setting in (

@@ -18,6 +18,8 @@ Metrics (labels ``model`` and ``device`` on the per-image ones):
   whose missing chunks were sent again several times without progress (``tasks/jobs/progress.py``)
 - ``clipmask_watchdog_exits_total{reason}``: worker processes that stopped running tasks and
   exited (``worker.watchdog``)
+- ``clipmask_scans_total{entry, result}``: scheduled scans run by this worker's processes, by
+  result (``tasks/jobs/scans.py``)
 """
 
 from __future__ import annotations
