@@ -23,8 +23,19 @@ the client's CPU per 1,000 keys, requests and the most in flight; then the whole
 ``submit_job`` in this process until the job is planned (its own redis-server; plans written to a
 local folder, so that the source's listing is what differs), with each listing.
 
+``--incremental`` measures scans of what is new (``clipmask submit --skip-existing``) instead: a
+local folder of ``--incremental-keys`` (10^6) keys with their three outputs each in place, 1% of
+the keys without outputs (new) and 0.1% modified after their record (changed): a full submit's
+seconds, the two listings' seconds (names alone, and with each file's size and mtime, what a scan
+must know), then the incremental submit's seconds, peak RSS and keys planned; the limit: at most a
+fifth of the full submit plus the listings. Then ``--incremental-s3-keys`` (10^5) the same way on
+``bench/s3_lite.py`` at ``--rtt-ms`` a request (moto takes minutes to hold 4 x 10^5 objects): the
+requests by method (LIST at most 1.1 x (source keys + output keys) / 1,000, no GET or HEAD), and a
+scan with nothing new against the two listings' time.
+
 Usage: .venv/bin/python bench/bench_jobs.py [--sizes 100000 1000000] [--small-chunk 8]
        .venv/bin/python bench/bench_jobs.py --listing [--listing-keys 100000] [--listing-prefixes 16] [--rtt-ms 30]
+       .venv/bin/python bench/bench_jobs.py --incremental [--incremental-keys 1000000] [--incremental-s3-keys 100000]
 """
 
 from __future__ import annotations
@@ -225,7 +236,7 @@ def bench_listing(n: int, prefixes: int, rtt_ms: float, repeat: int, chunk: int,
             stats = server.stats()
             if count != n:
                 raise RuntimeError(f"{label}: listed {count} keys of {n}")
-            requests = stats["counts"].get("GET", 0) // repeat
+            requests = stats["counts"].get("LIST", 0) // repeat
             figures[name] = {"s": round(seconds, 3), "keys_per_s": round(n / seconds),
                              "cpu_ms_per_1000_keys": round(cpu / n * 1e6, 2), "requests": requests,
                              "max_in_flight": stats["max_in_flight"]}
@@ -277,6 +288,159 @@ def bench_planning(bucket: str, root: str, n: int, chunk: int, workdir: Path) ->
     return figures
 
 
+# --- incremental scans --------------------------------------------------------------------
+
+#: Every NEW_EVERY-th key has no outputs yet (1% new); every CHANGED_EVERY-th key, offset by one,
+#: was modified after its record (0.1% changed).
+NEW_EVERY, CHANGED_EVERY = 100, 1000
+OUTPUT_SUFFIXES = (".mask.png", ".raw.png", ".json")
+
+
+def is_new(i: int) -> bool:
+    return i % NEW_EVERY == 0
+
+
+def is_changed(i: int) -> bool:
+    return i % CHANGED_EVERY == 1
+
+
+def make_outputs(n: int) -> Path:
+    """The outputs of ``make_source(n)``'s keys but the new ones, made once, after the source."""
+    folder = BENCH_DIR / ".cache" / f"outputs-{n}"
+    stamp = folder / ".complete"
+    if not stamp.exists():
+        started = time.perf_counter()
+        for i in range(n):
+            shard = folder / f"s{i // 1000:05d}"
+            if i % 1000 == 0:
+                shard.mkdir(parents=True, exist_ok=True)
+            if not is_new(i):
+                for suffix in OUTPUT_SUFFIXES:
+                    (shard / f"k{i:08d}.jpg{suffix}").touch()
+        stamp.touch()
+        print(f"  made the outputs of {n} files in {time.perf_counter() - started:.0f}s", flush=True)
+    return folder
+
+
+def source_path(source: Path, i: int) -> Path:
+    return source / f"s{i // 1000:05d}" / f"k{i:08d}.jpg"
+
+
+def listed_both(source_url: str, dest_url: str, details: bool = True) -> float:
+    """Seconds to list the source's and the destination's keys one after the other, with each
+    key's details (size, modification time) read: a ``stat`` a file on a local disk, in the
+    answer on S3; or the names alone."""
+    from storage import open_store
+
+    started = time.perf_counter()
+    for url in (source_url, dest_url):
+        store = open_store(url)
+        if details:
+            for entry in store.list_entries():
+                entry.modified  # noqa: B018 - what a scan of the folder must know of each file
+        else:
+            for _ in store.list():
+                pass
+    return time.perf_counter() - started
+
+
+def bench_incremental_local(n: int, workdir: Path) -> dict:
+    """``clipmask submit --skip-existing`` over N local keys with their outputs in place, against a
+    full submit of the same keys."""
+    import shutil
+
+    source, outputs = make_source(n), make_outputs(n)
+    changed = [source_path(source, i) for i in range(n) if is_changed(i)]
+    expected = sum(1 for i in range(n) if is_new(i) or is_changed(i))
+    figures: dict = {"keys": n, "new": sum(1 for i in range(n) if is_new(i)), "changed": len(changed)}
+    later = time.time() + 3600  # modified after any record
+    originals = {path: path.stat().st_mtime for path in changed}
+    with RedisServer(workdir=str(workdir)).start() as server:
+        env = {**os.environ, "CELERY_BROKER_URL": server.url, "CELERY_RESULT_BACKEND": server.url,
+               "CLIPMASK_QUEUE": "bench"}
+        client = redis.Redis.from_url(server.url)
+        try:
+            for path in changed:
+                os.utime(path, (later, later))
+            seconds, rss, _ = run_measured([CLIPMASK, "submit", str(source), "--out", str(workdir / "full"),
+                                            "--prompt", "cat"], env)
+            figures.update(full_submit_s=round(seconds, 1), full_submit_rss_mb=rss)
+            print(f"  full submit: {seconds:.1f}s, {rss} MB", flush=True)
+            client.flushall()
+            figures["names_listing_s"] = round(listed_both(str(source), str(outputs), details=False), 1)
+            figures["listing_s"] = round(listed_both(str(source), str(outputs)), 1)
+            print(f"  both listings: {figures['names_listing_s']}s for the names, {figures['listing_s']}s with "
+                  "each file's size and mtime (a stat each)", flush=True)
+            seconds, rss, out = run_measured([CLIPMASK, "submit", str(source), "--out", str(outputs),
+                                              "--prompt", "cat", "--skip-existing"], env)
+            job_id = out.strip().splitlines()[-1]
+            planned = json.loads((outputs / "_jobs" / job_id / "planned.json").read_text())
+            if planned["total"] != expected or planned["up_to_date"] != n - expected:
+                raise RuntimeError(f"planned {planned}, expected {expected} of {n}")
+            figures.update(incremental_submit_s=round(seconds, 1), incremental_submit_rss_mb=rss,
+                           planned=planned["total"], up_to_date=planned["up_to_date"])
+            bound = figures["full_submit_s"] / 5 + figures["listing_s"]
+            figures["incremental_bound_s"] = round(bound, 1)
+            print(f"  incremental submit: {seconds:.1f}s, {rss} MB, {planned['total']:,} planned, "
+                  f"{planned['up_to_date']:,} up to date; limit full / 5 + listings = {bound:.1f}s "
+                  f"{'PASS' if seconds <= bound else 'MISS'}; RSS {verdict('submit_peak_rss_mb', rss)}", flush=True)
+        finally:
+            for path, mtime in originals.items():
+                os.utime(path, (mtime, mtime))
+            shutil.rmtree(outputs / "_jobs", ignore_errors=True)
+    return figures
+
+
+def bench_incremental_s3(n: int, workdir: Path, rtt_ms: float) -> dict:
+    """The same on S3 (``s3_lite``: moto takes minutes to hold 4 x 10^5 objects), with the requests
+    it served by method; then a scan with nothing new."""
+    from s3_lite import LiteServer
+
+    keys = [f"in/s{i // 1000:05d}/k{i:08d}.jpg" for i in range(n)]
+    outputs = [f"out/s{i // 1000:05d}/k{i:08d}.jpg{suffix}" for i in range(n) if not is_new(i)
+               for suffix in OUTPUT_SUFFIXES]
+    figures: dict = {"keys": n, "output_keys": len(outputs), "rtt_ms": rtt_ms}
+    server = LiteServer(rtt_ms)
+    try:
+        fill_lite(server, "bench-incremental", keys)
+        time.sleep(0.01)
+        fill_lite(server, "bench-incremental", outputs)
+        time.sleep(0.01)
+        fill_lite(server, "bench-incremental", [key for i, key in enumerate(keys) if is_changed(i)])
+        with RedisServer(workdir=str(workdir)).start() as redis_server:
+            env = {**os.environ, "CELERY_BROKER_URL": redis_server.url, "CELERY_RESULT_BACKEND": redis_server.url,
+                   "CLIPMASK_QUEUE": "bench", "AWS_ENDPOINT_URL_S3": server.endpoint,
+                   "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+            src, dst = "s3://bench-incremental/in/", "s3://bench-incremental/out/"
+            server.stats(reset=True)
+            seconds, rss, _ = run_measured([CLIPMASK, "submit", src, "--out", dst, "--prompt", "cat",
+                                            "--skip-existing"], env)
+            counts = server.stats(reset=True)["counts"]
+            lists = counts.get("LIST", 0)
+            bound = 1.1 * (n + len(outputs)) / 1000
+            figures.update(incremental_submit_s=round(seconds, 1), incremental_submit_rss_mb=rss, requests=counts,
+                           list_bound=round(bound))
+            print(f"  S3, {n:,} keys and {len(outputs):,} outputs: incremental submit {seconds:.1f}s, {rss} MB; "
+                  f"requests {counts}; LIST {lists} (limit <= {bound:.0f}: {'PASS' if lists <= bound else 'MISS'})",
+                  flush=True)
+            # Nothing new: every image given a record newer than it
+            fill_lite(server, "bench-incremental", [f"out/{key[3:]}.json" for i, key in enumerate(keys)
+                                                    if is_new(i) or is_changed(i)])
+            os.environ.update({name: value for name, value in env.items() if name.startswith("AWS_")})
+            listing = listed_both(src, dst)
+            server.stats(reset=True)
+            seconds, _, _ = run_measured([CLIPMASK, "submit", src, "--out", dst, "--prompt", "cat",
+                                          "--skip-existing"], env)
+            counts = server.stats(reset=True)["counts"]
+            figures.update(nothing_new_s=round(seconds, 1), nothing_new_listing_s=round(listing, 1),
+                           nothing_new_requests=counts)
+            print(f"  nothing new: submit {seconds:.1f}s (start-up included) against {listing:.1f}s for the two "
+                  f"listings in-process; requests {counts}", flush=True)
+    finally:
+        server.stop()
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -289,7 +453,23 @@ def main() -> None:
     parser.add_argument("--listing-prefixes", type=int, default=16)
     parser.add_argument("--rtt-ms", type=float, default=30.0)
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--incremental", action="store_true",
+                        help="measure scans of what is new (--skip-existing) instead")
+    parser.add_argument("--incremental-keys", type=int, default=1_000_000, help="local keys (default 10^6)")
+    parser.add_argument("--incremental-s3-keys", type=int, default=100_000, help="S3 keys (default 10^5)")
     args = parser.parse_args()
+    if args.incremental:
+        with tempfile.TemporaryDirectory(prefix="clipmask-bench-incremental-") as tmp:
+            print(f"local folder, {args.incremental_keys:,} keys, 1% new, 0.1% changed", flush=True)
+            figures = {"local": bench_incremental_local(args.incremental_keys, Path(tmp))}
+            print(f"S3 (s3_lite), {args.incremental_s3_keys:,} keys, 1% new, 0.1% changed, {args.rtt_ms:g} ms a "
+                  "request", flush=True)
+            figures["s3"] = bench_incremental_s3(args.incremental_s3_keys, Path(tmp), args.rtt_ms)
+        print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores; {' '.join(sys.argv)}")
+        path = args.json or BENCH_DIR / "results" / "incremental.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(figures, indent=2) + "\n")
+        return
     if args.listing:
         with tempfile.TemporaryDirectory(prefix="clipmask-bench-listing-") as tmp:
             figures = bench_listing(args.listing_keys, args.listing_prefixes, args.rtt_ms, args.repeat,

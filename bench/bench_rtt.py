@@ -152,13 +152,13 @@ class Timeline:
         return {"steady": steady, "start": start, "tail": end - (start + images / steady)}
 
     def print(self, label: str) -> None:
-        print(f"    timeline of {label} (s: requests so far GET/PUT/DELETE/POST, GETs include listings)")
+        print(f"    timeline of {label} (s: requests so far GET/LIST/PUT/DELETE/POST)")
         shown, line = -1.0, []
         for t, counts in self.samples:
             if t - shown >= 1.0 or (t, counts) == self.samples[-1]:
                 shown = t
-                line.append(f"{t:5.1f}: {counts.get('GET', 0)}/{counts.get('PUT', 0)}/"
-                            f"{counts.get('DELETE', 0)}/{counts.get('POST', 0)}")
+                line.append(f"{t:5.1f}: " + "/".join(str(counts.get(method, 0)) for method in
+                                                      ("GET", "LIST", "PUT", "DELETE", "POST")))
         for at in range(0, len(line), 5):
             print("      " + "   ".join(line[at:at + 5]))
 
@@ -306,13 +306,13 @@ class Side:
 
 
 def describe(f: dict) -> str:
-    counts = "/".join(str(f["counts"].get(m, 0)) for m in ("GET", "PUT", "DELETE", "POST"))
+    counts = "/".join(str(f["counts"].get(m, 0)) for m in ("GET", "LIST", "PUT", "DELETE", "POST"))
     net = f" net {f['net']:6.2f} img/s (model loaded at {f['loaded']:.1f} s)," if f["net"] else ""
     idle = f" (idle workers: {f['idle_cpu']:.2f} s CPU meanwhile)" if f.get("idle_cpu") is not None else ""
     shape = (f" steady {f['steady']:6.2f} img/s, start {f['start']:4.1f} s, tail {f['tail']:4.1f} s;"
              if f["images"] > WARM_IMAGES else "")
     return (f"  {f['mode']:>6} {f['rtt']:5g} ms, {f['images']:4d} images: {f['seconds']:6.1f} s, "
-            f"{f['rate']:6.2f} img/s,{net}{shape} requests GET/PUT/DELETE/POST {counts}, at most "
+            f"{f['rate']:6.2f} img/s,{net}{shape} requests GET/LIST/PUT/DELETE/POST {counts}, at most "
             f"{f['max_in_flight']} in flight; CPU ms/img: clipmask {f['client_ms']:.1f}, S3 server "
             f"{f['server_ms']:.1f}{idle}")
 

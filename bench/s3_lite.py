@@ -9,14 +9,15 @@ requests by method and the most it had in flight at once.
 
 What it speaks (path-style URLs, what boto3 sends with ``AWS_ENDPOINT_URL_S3``): create a bucket;
 PUT, GET, HEAD and DELETE an object; ListObjectsV2 with prefix, start-after, continuation token,
-max-keys and delimiter; multipart uploads (create, upload part, complete, abort). Request bodies
+max-keys and delimiter (each object's Key, LastModified, ETag and Size); multipart uploads (create, upload part, complete, abort). Request bodies
 may come chunked and aws-chunked (botocore's trailing checksums).
 
     python bench/s3_lite.py --port 9000 --rtt-ms 30   # then AWS_ENDPOINT_URL_S3=http://127.0.0.1:9000
 
-``GET /_stats`` answers ``{"counts": {method: requests}, "max_in_flight": n}`` (``POST`` also resets
-them); ``POST /_fill`` with ``{"bucket": name, "keys": [...]}`` makes the bucket and those keys, empty,
-at once (a benchmark's 10^5 keys in a second, where PUTs one by one would take minutes). Listing
+``GET /_stats`` answers ``{"counts": {method: requests}, "max_in_flight": n}`` (a listing counted as
+``LIST``, not ``GET``) (``POST`` also resets
+them); ``POST /_fill`` with ``{"bucket": name, "keys": [...]}`` makes the bucket and those keys, empty
+and modified now (a later fill replaces them, newer), at once (a benchmark's 10^5 keys in a second, where PUTs one by one would take minutes). Listing
 keeps each bucket's keys sorted between changes and finds its place by bisection, so a page costs
 the same anywhere in a large bucket. ``S3Lite(rtt_s).start()`` runs it in a thread instead, for a
 quick try; a benchmark runs it as a process of its own (``LiteServer``), so that it takes no GIL
@@ -98,7 +99,7 @@ class S3Lite:
                 body = await _read_body(reader, headers)
                 self.in_flight += 1
                 self.max_in_flight = max(self.max_in_flight, self.in_flight)
-                self.counts[method] += 1
+                self.counts["LIST" if method == "GET" and "list-type=" in target else method] += 1
                 try:
                     if self.rtt_s:
                         await asyncio.sleep(self.rtt_s)
@@ -211,8 +212,9 @@ class S3Lite:
                 last = key
                 at += 1
         truncated = at < len(ordered) and ordered[at].startswith(prefix)
-        contents = "".join(f"<Contents><Key>{escape(k)}</Key><Size>{len(objects[k][0])}</Size>"
-                           f"<ETag>\"{objects[k][1]}\"</ETag></Contents>" for k in keys)
+        contents = "".join(f"<Contents><Key>{escape(k)}</Key><LastModified>{_iso(objects[k][2])}</LastModified>"
+                           f"<ETag>\"{objects[k][1]}\"</ETag><Size>{len(objects[k][0])}</Size></Contents>"
+                           for k in keys)
         common = "".join(f"<CommonPrefixes><Prefix>{escape(p)}</Prefix></CommonPrefixes>" for p in prefixes)
         token = f"<NextContinuationToken>{escape(last)}</NextContinuationToken>" if truncated else ""
         return 200, {"Content-Type": "application/xml"}, _LISTING.format(
@@ -246,6 +248,11 @@ def _aws_unchunk(body: bytes) -> bytes:
             return bytes(out)
         out += body[end + 2:end + 2 + size]
         at = end + 2 + size + 2
+
+
+def _iso(seconds: float) -> str:
+    """LastModified as S3 writes it, to the millisecond: 2026-12-05T08:00:00.123Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(seconds * 1000) % 1000:03d}Z"
 
 
 def _error(status: int, code: str) -> tuple[int, dict, bytes]:

@@ -177,18 +177,16 @@ class LocalStore(ObjectStore):
         return self._list(base, tail, after)
 
     def list_entries(self, prefix: str = "", start_after: str | None = None) -> Iterator[Listed]:
-        """``list``, each key with its file's size and mtime (one ``stat`` a file; a file removed
-        in between is left out)."""
+        """``list``, each key with its file's size and mtime, read (one ``stat``) when first
+        asked for: a caller that looks at a few keys' details pays for those alone. A file removed
+        in between has size 0 and mtime 0."""
         keys = self.list(prefix, start_after)
         return self._entries(keys)
 
     def _entries(self, keys: Iterator[str]) -> Iterator[Listed]:
+        root = self._root
         for key in keys:
-            try:
-                stat = os.stat(os.path.join(self._root, key))
-            except FileNotFoundError:
-                continue
-            yield Listed(key, stat.st_size, stat.st_mtime)
+            yield _LocalListed(key, root)
 
     def _list(self, base: str, tail: str, after: str) -> Iterator[str]:
         """Yield keys under the folder ``base`` whose name there starts with ``tail``, > ``after``."""
@@ -242,6 +240,30 @@ class LocalStore(ObjectStore):
                         runs.append(_spill(names))
                         names = []
         return runs, names
+
+
+class _LocalListed(Listed):
+    """A listed file whose ``size``, ``modified`` and ``etag`` (None) come from a ``stat`` made
+    when one of them is first read."""
+
+    def __new__(cls, key: str, root: str) -> "_LocalListed":
+        listed = str.__new__(cls, key)
+        listed._root = root
+        return listed
+
+    def __getattr__(self, name: str):
+        if name not in ("size", "modified", "etag"):
+            raise AttributeError(name)
+        try:
+            stat = os.stat(self._root + os.sep + self)  # a checked relative key: no join needed
+            self.size, self.modified = stat.st_size, stat.st_mtime
+        except FileNotFoundError:
+            self.size, self.modified = 0, 0.0
+        self.etag = None
+        return getattr(self, name)
+
+    def __reduce__(self):
+        return Listed, (str(self), self.size, self.modified, self.etag)
 
 
 class _NameFilter:

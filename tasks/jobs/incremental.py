@@ -86,3 +86,4 @@ class Scan:
                 yield image
             else:
                 self.up_to_date += 1
+
