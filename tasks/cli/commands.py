@@ -136,15 +136,9 @@ def _watch(jobs, job_id: str) -> None:
 
 
 def cancel(args: argparse.Namespace, _extra: list[str]) -> int:
-    from storage import open_store
-    from tasks.jobs.files import JobFiles
-    from tasks.jobs.index import JobIndex, now_iso
-    from tasks.jobs.queue import send_finish
+    from tasks.jobs.control import cancel_job
 
-    data, idle = JobIndex.from_env().cancel(args.job_id)
-    JobFiles(open_store(data["dest"]), args.job_id).mark_cancelled(now_iso())
-    if idle:  # no chunk in flight to finish it
-        send_finish(args.job_id, data["dest"], data.get("queue"))
+    cancel_job(args.job_id)
     print(f"job {args.job_id} cancelled; images still queued will be recorded as skipped")
     return 0
 
