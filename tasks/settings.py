@@ -1,5 +1,6 @@
 """clipmask's own environment variables on the job side: where job records live, the queue and
-its delivery settings (read by ``celeryconfig``), jobs' window, healing and schedules. The worker
+its delivery settings (read by ``celeryconfig``), jobs' window, healing and schedules, and the
+HTTP API's (``clipmask serve``: tokens, allowed locations, uploads, limits). The worker
 side's are in ``worker/settings.py``; both are ``Setting``s, read when asked, never at import.
 """
 
@@ -42,11 +43,22 @@ HEAL_INTERVAL = Setting("CLIPMASK_HEAL_INTERVAL", None, "seconds between the wor
                         minimum=1, shown="visibility timeout / 4, 5 to 60")
 SCHEDULE = Setting("CLIPMASK_SCHEDULE", [], "beat schedule, JSON: a list of "
                    '`{"source", "dest", "prompt", "negative", "every_s" or "cron"}`', "json", shown="none")
+API_TOKENS = Setting("CLIPMASK_API_TOKENS", None, "bearer tokens `clipmask serve` accepts: comma-separated, or "
+                     "`@/path/to/file` (one a line); read at start. None: `serve` refuses to start unless "
+                     "`--no-auth`", "text", shown="none")
+API_ALLOWED = Setting("CLIPMASK_API_ALLOWED", None, "URL prefixes a request's `source` and `dest` may name, "
+                      "comma-separated (`s3://uploads/,s3://masks/`); a local folder only if listed. None: "
+                      "every request naming a location is refused", "text", shown="none")
+API_UPLOADS = Setting("CLIPMASK_API_UPLOADS", None, "where `POST /v1/masks` stores uploaded images before "
+                      "they are masked: an S3 prefix or a folder. None: uploads are refused", "text", shown="none")
+API_MAX_BYTES = Setting("CLIPMASK_API_MAX_BYTES", 64 * 1024 * 1024, "largest request body `clipmask serve` "
+                        "takes (an upload), bytes; larger is `413`", minimum=1, shown="67108864 (64 MiB)")
 
 #: Every job-side variable, by name.
 SETTINGS: dict[str, Setting] = {setting.name: setting for setting in (
     REDIS_URL, QUEUE, TASK_TIME_LIMIT, VISIBILITY_TIMEOUT, RESTORE_INTERVAL, RESTORE_THROTTLE, RESULT_EXPIRES,
-    JOB_WINDOW, STORAGE_RETRY_S, RETRY_MAX_DELAY_S, HEAL_INTERVAL, SCHEDULE)}
+    JOB_WINDOW, STORAGE_RETRY_S, RETRY_MAX_DELAY_S, HEAL_INTERVAL, SCHEDULE, API_TOKENS, API_ALLOWED, API_UPLOADS,
+    API_MAX_BYTES)}
 
 
 def redis_url() -> str:

@@ -67,7 +67,8 @@ def test_the_cli_imports_no_torch_and_version_no_celery_or_boto3():
 
 
 @pytest.mark.parametrize("code", ["import tasks.jobs.planning, tasks.jobs.healing, tasks.client, tasks.preview",
-                                  "from tasks.cli import commands"])
+                                  "from tasks.cli import commands",
+                                  "import tasks.api.app, tasks.api.server"])
 def test_the_job_side_imports_no_torch(code):
     assert not imported_modules(code) & {"torch", "torchvision", "transformers"}
 

@@ -1,4 +1,4 @@
-"""The ``clipmask`` command: run, submit, status, cancel, resume, preview, worker.
+"""The ``clipmask`` command: run, submit, status, cancel, resume, preview, serve, worker.
 
 ``main`` parses the arguments (``parser.py``) and runs the subcommand (``commands.py``). Every
 failure a user can fix reaches it as a ``ClipmaskError`` (``tasks.errors.explain`` turns what

@@ -150,6 +150,13 @@ def preview(args: argparse.Namespace, _extra: list[str]) -> int:
     return 0
 
 
+def serve(args: argparse.Namespace, _extra: list[str]) -> int:
+    """The HTTP API (``tasks/api``): never imports torch or the engine."""
+    from tasks.api.server import serve as run_server
+
+    return run_server(args)
+
+
 def worker(args: argparse.Namespace, extra: list[str]) -> int:
     """This machine's worker processes, one per device or ``--processes-per-device``, each a
     supervised child of this process (``worker/start.py``); the jobs' progress among the metrics."""

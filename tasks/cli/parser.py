@@ -123,6 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--out", dest="out_dir", metavar="DIR", help="local folder for the page (default ./preview-JOB)")
     preview.add_argument("--limit", type=at_least(0), default=200, help="images sampled, failures listed, at most (default 200)")
     preview.add_argument("--seed", type=int, default=0, help="seed of the random sample (default 0)")
+    serve = commands.add_parser(
+        "serve", help="serve the HTTP API (masks, jobs) for backends in any language",
+        description="Serve clipmask over HTTP (FastAPI on uvicorn): POST /v1/masks masks one image from a URL or "
+                    "an upload, /v1/jobs submits, follows, cancels and resumes dataset jobs; /healthz, /readyz, "
+                    "/metrics, /openapi.json and /docs. Stateless: it talks to the same broker, Redis and storage "
+                    "as the workers, so any number can run behind a load balancer. Every /v1 call needs "
+                    "Authorization: Bearer <token> (CLIPMASK_API_TOKENS); source and dest must lie under "
+                    "CLIPMASK_API_ALLOWED; uploads go to CLIPMASK_API_UPLOADS; bodies over CLIPMASK_API_MAX_BYTES "
+                    "are refused (413).")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=at_least(1), default=8000, help="port (default 8000)")
+    serve.add_argument("--no-auth", action="store_true", help="accept calls without a token: binds 127.0.0.1 only")
+    serve.add_argument("--no-access-log", dest="access_log", action="store_false", help="log no line per request")
+    serve.add_argument("--loglevel", default="info", choices=("critical", "error", "warning", "info", "debug"))
     worker = commands.add_parser(
         "worker", parents=[engine], help="start this machine's Celery workers",
         description="Start one worker process per GPU (one CPU process without GPUs), or --processes-per-device "
