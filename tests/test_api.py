@@ -244,6 +244,7 @@ def test_calls_need_a_token_of_the_list(server):
     assert "Bearer" in problem(server.post("/v1/masks", json=body, headers={}), 401)["detail"]
     assert problem(server.post("/v1/masks", json=body, headers={"Authorization": "Bearer nope"}), 401)
     assert problem(server.get("/v1/jobs/abc", headers={"Authorization": TOKEN}), 401)
+    assert problem(server.post("/v1/jobs", json={"prompt": 3}, headers={}), 401)  # before the body is judged
     # The other token of the list works too; probes need none
     other = server.get(f"/v1/masks/{uuid.uuid4().hex}", headers={"Authorization": "Bearer other-token"})
     assert other.status_code == 404

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 from dataclasses import dataclass
@@ -56,19 +57,26 @@ class Tokens:
 
     def check(self, authorization: str | None) -> None:
         """Raise a ``401`` unless ``authorization`` is ``Bearer <one of the tokens>``: every token
-        is compared, each in constant time, so the time taken says nothing of how close it was."""
+        is compared, each in constant time, so the time taken says nothing of how close it was,
+        nor which token it matched."""
         if self.open:
             return
         scheme, _, given = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
             raise Problem(401, "unauthorized", "send Authorization: Bearer <token>, one of CLIPMASK_API_TOKENS",
                           headers={"WWW-Authenticate": 'Bearer realm="clipmask"'})
-        candidate, match = given.strip().encode(), False
+        candidate, match = _digest(given.strip().encode()), False
         for token in self.tokens:
-            match |= hmac.compare_digest(candidate, token)
+            match |= hmac.compare_digest(candidate, _digest(token))
         if not match:
             raise Problem(401, "unauthorized", "the bearer token is not one of CLIPMASK_API_TOKENS",
                           headers={"WWW-Authenticate": 'Bearer realm="clipmask", error="invalid_token"'})
+
+
+def _digest(token: bytes) -> bytes:
+    """Tokens are compared as digests of one length, so that the time taken says nothing of a
+    token's length either."""
+    return hashlib.sha256(token).digest()
 
 
 def canonical_prefix(url: str) -> str:

@@ -24,7 +24,7 @@ from tasks.api.models import Accepted, JobRequest
 from tasks.api.planners import Full, Plan
 from tasks.api.problems import Problem, documented, from_error
 from tasks.errors import JobNotFoundError, NothingNewError
-from tasks.jobs.index import FINISHED_TTL_S, job_status, now_iso
+from tasks.jobs.index import FINISHED_TTL_S, PREFIX, job_status, now_iso
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(authorized)])
@@ -191,7 +191,7 @@ def _accepted(job_id: str, state: str) -> JSONResponse:
 def _lookup(ctx: Context, job_id: str, missing_ok: bool = False) -> tuple[dict | None, dict | None]:
     """The job's index hash and this API's note of it; a ``404`` when neither exists."""
     with ctx.redis.pipeline(transaction=False) as pipe:
-        pipe.hgetall(f"clipmask:job:{job_id}")
+        pipe.hgetall(PREFIX + job_id)
         pipe.get(NOTE + job_id)
         data, note = pipe.execute()
     note = json.loads(note) if note else None
