@@ -8,9 +8,13 @@ milliseconds; ``tests/test_storage_contract.py`` runs the same listing against m
 from __future__ import annotations
 
 import random
+import xml.etree.ElementTree as ET
+from datetime import datetime, timezone
 
+import boto3
 import pytest
 
+from storage import listing
 from storage.listing import Page, _parse_tree, _scan, level_start, parallel_keys, sequential_keys
 from tests.listing_fake import FakeS3
 
@@ -173,3 +177,52 @@ def test_a_page_is_read_as_botocore_reads_it(answer, page):
 ], ids=["key-count", "cdata", "namespace-prefix", "error"])
 def test_an_answer_not_written_as_s3_writes_it_is_left_to_a_full_parser(answer):
     assert _scan(answer) is None
+
+
+#: An answer cut short by the network, whose keys say nothing amiss (no KeyCount to count them by).
+CUT_SHORT = S3_ANSWER.replace("<KeyCount>3</KeyCount>", "").partition("<CommonPrefixes>")[0]
+
+
+def test_a_page_cut_short_is_left_to_a_full_parser_which_fails_on_it():
+    cut = CUT_SHORT
+    assert cut.endswith("</Contents>")
+    assert _scan(cut) is None
+    with pytest.raises(ET.ParseError):
+        _parse_tree(cut.encode())
+
+
+DETAILED_ANSWER = (
+    "<ListBucketResult><Name>b</Name><Prefix>p/</Prefix><KeyCount>2</KeyCount><IsTruncated>false</IsTruncated>"
+    "<Contents><Key>p/a.jpg</Key><LastModified>2026-12-05T08:00:01.500Z</LastModified>"
+    "<ETag>&quot;abc&quot;</ETag><Size>12</Size><StorageClass>STANDARD</StorageClass></Contents>"
+    "<Contents><Key>p/b&amp;c.jpg</Key><LastModified>2026-12-05T08:00:00.000Z</LastModified>"
+    "<ETag>&quot;def&quot;</ETag><Size>0</Size></Contents></ListBucketResult>")
+
+
+def test_a_detailed_page_gives_each_key_its_size_time_and_etag_either_way():
+    for page in (_scan(DETAILED_ANSWER, detailed=True), _parse_tree(DETAILED_ANSWER.encode(), detailed=True)):
+        assert page.keys == ["p/a.jpg", "p/b&c.jpg"]
+        assert [(key.size, key.etag) for key in page.keys] == [(12, '"abc"'), (0, '"def"')]
+        assert page.keys[0].modified - page.keys[1].modified == 1.5
+        assert page.keys[1].modified == datetime(2026, 12, 5, 8, 0, tzinfo=timezone.utc).timestamp()
+
+
+@pytest.mark.parametrize("body, status, parsed", [
+    (S3_ANSWER.encode(), 200, True),
+    (b"<Error><Code>InternalError</Code><Message>try again</Message></Error>", 500, False),
+    (CUT_SHORT.encode(), 500, False),
+], ids=["listing", "error-in-a-200", "cut-short"])
+def test_botocore_still_checks_a_200_answer_that_is_not_a_whole_listing(body, status, parsed):
+    # botocore's own check for an error in a 200 answer, with the page read first
+    client = boto3.client("s3", region_name="us-east-1", endpoint_url="http://127.0.0.1:9")
+    listing._install(client)
+    operation = client.meta.service_model.operation_model("ListObjectsV2")
+    response = {"status_code": 200, "body": body, "headers": {}}
+    listing._local.active, listing._local.detailed, listing._local.page = True, False, None
+    try:
+        client.meta.events.emit("before-parse.s3.ListObjectsV2", operation_model=operation, response_dict=response,
+                                customized_response_dict={})
+    finally:
+        listing._local.active = False
+    assert response["status_code"] == status  # 500: botocore retries it
+    assert (listing._local.page is not None) == parsed

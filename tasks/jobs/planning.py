@@ -99,7 +99,8 @@ def plan_chunks(jobs: JobIndex, files: JobFiles, record: dict, keys: Iterable[st
 
     with producer() as prod:
         indexed_at = 0.0
-        for plan in ordered_map(write, numbered(chunk, total), window=PLAN_WRITERS):
+        plans = numbered(chunk, total)  # on a local disk a write is a CPU step: threads would only add switches
+        for plan in ordered_map(write, plans, window=PLAN_WRITERS) if files.dest.networked else map(write, plans):
             chunk, total = plan.chunk + 1, plan.end
             if on_chunk:
                 on_chunk(len(plan.keys))

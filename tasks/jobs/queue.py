@@ -52,7 +52,11 @@ def default_queue() -> str:
 
 def send_chunk(job_id: str, chunk: int, dest: str, size: int, prod=None, queue: str | None = None) -> None:
     """Queue one chunk, on ``queue`` (the job's) or else this process's default queue."""
-    app.send_task(MASK_CHUNK, args=(job_id, chunk, dest, size), ignore_result=True, producer=prod, queue=queue)
+    args = (job_id, chunk, dest, size)
+    # The arguments' repr given, as Celery would write it: its own safe repr costs a planner a
+    # tenth of each send, for four plain values.
+    app.send_task(MASK_CHUNK, args=args, ignore_result=True, producer=prod, queue=queue,
+                  argsrepr=repr(args), kwargsrepr="{}")
 
 
 def send_finish(job_id: str, dest: str, queue: str | None = None) -> None:
