@@ -13,6 +13,7 @@ recorded failed with the reason.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from dataclasses import replace
@@ -25,7 +26,8 @@ from kombu.exceptions import OperationalError
 
 from storage import ObjectStore, open_store
 from storage.availability import StorageUnavailableError, check_marker, is_unavailable, missing_marker
-from tasks.errors import IncompleteJobError
+from tasks import webhooks
+from tasks.errors import IncompleteJobError, UsageError
 from tasks.jobs import healing, scans
 from tasks.jobs.files import JobFiles, count_statuses
 from tasks.jobs.index import JobIndex
@@ -266,6 +268,7 @@ def finish_job(self, job_id: str, dest: str) -> dict | None:
         counter = write_job_manifest(files, open_store(record["source"]), planned["chunks"], cancelled)
         summary = write_summary(files, record, counter.counts, "cancelled" if cancelled else "finished",
                                 up_to_date=planned.get("up_to_date", 0))
+        _job_callback(files, job_id, summary)
         jobs.mark_finished(job_id, counter.counts, counter.total, summary["manifest"])
     except IncompleteJobError as err:
         log.warning("[job %s] not finished: %s; the healing check sends the missing chunks again", job_id, err)
@@ -277,17 +280,66 @@ def finish_job(self, job_id: str, dest: str) -> dict | None:
 
 
 @app.task(name="clipmask.mask_image", bind=True, max_retries=CHUNK_RETRIES)
-def mask_image(self, source: str, key: str, dest: str, spec: dict) -> dict:
-    """Backend offload: mask one image, return its manifest row plus its metadata record."""
+def mask_image(self, source: str, key: str, dest: str, spec: dict, callback_url: str | None = None) -> dict:
+    """Backend offload: mask one image, return its manifest row plus its metadata record; with
+    ``callback_url``, also POST it there (``tasks/webhooks.py``), a failure after the last retry too."""
     try:
         pipeline = Pipeline(lifecycle.engine(), open_store(source), open_store(dest),
                             MaskSpec.from_dict(spec), context=f"task {self.request.id}", deadline=_deadline(self))
         outcome: Outcome = next(iter(pipeline.run([key])))
         if outcome.transient and self.request.retries < self.max_retries:
             raise ConnectionError(outcome.error)
+        result = {**outcome.row(), "metadata": outcome.metadata}
+        if callback_url:
+            _callback(callback_url, f"mask_{self.request.id}", "mask.finished",
+                      webhooks.mask_result(self.request.id, result))
     except RETRY_ON as err:
+        if callback_url and self.request.retries >= self.max_retries:  # the last attempt: the caller hears of it
+            failed = {"source": open_store(source).url_for(key), "status": "failed",
+                      "error": f"{type(err).__name__}: {err}"}
+            try:
+                _callback(callback_url, f"mask_{self.request.id}", "mask.finished",
+                          webhooks.mask_result(self.request.id, failed))
+            except ConnectionError as lost:
+                log.error("[task %s] callback to %s not queued: %s", self.request.id, callback_url, lost)
         raise self.retry(exc=err, countdown=backoff(self.request.retries))
-    return {**outcome.row(), "metadata": outcome.metadata}
+    return result
+
+
+def _callback(url: str, msg_id: str, event_type: str, data: dict) -> None:
+    """Queue a callback's delivery; the broker away is a ``ConnectionError`` (the task runs again)."""
+    try:
+        webhooks.send(url, msg_id, event_type, data)
+    except OperationalError as err:
+        raise ConnectionError(f"could not queue the callback to {url}: {err}") from err
+
+
+def _job_callback(files: JobFiles, job_id: str, summary: dict) -> None:
+    """The job's callback, when it was submitted with one (``DST/_jobs/<id>/callback.json``)."""
+    try:
+        url = json.loads(files.dest.read_bytes(webhooks.job_callback_key(job_id)))["url"]
+    except FileNotFoundError:
+        return
+    _callback(url, f"job_{job_id}", "job.finished", {"job_id": job_id, **summary})
+
+
+@app.task(name=webhooks.DELIVER, bind=True, max_retries=None, ignore_result=True)
+def deliver_webhook(self, url: str, msg_id: str, event_type: str, data: dict, first_try: float | None = None) -> None:
+    """POST one callback, signed (``tasks/webhooks.py``); tried again with back-off for an hour."""
+    first_try = first_try or time.time()
+    try:
+        status = webhooks.deliver(url, msg_id, webhooks.message(event_type, data), webhooks.secret_key())
+    except UsageError as err:  # no secret on this worker: trying again changes nothing
+        log.error("callback %s to %s not sent: %s", msg_id, url, err)
+        return
+    except webhooks.DeliveryError as err:
+        delay = webhooks.retry_delay(self.request.retries, first_try)
+        if delay is None:
+            log.error("callback %s to %s given up after %d s: %s", msg_id, url, webhooks.RETRY_FOR_S, err)
+            return
+        log.warning("callback %s: %s; tried again in %.0f s", msg_id, err, delay)
+        raise self.retry(countdown=delay, kwargs={"first_try": first_try}) from None
+    log.info("callback %s delivered to %s (%d)", msg_id, url, status)
 
 
 @app.task(name="clipmask.scheduled_scan")

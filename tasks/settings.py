@@ -51,6 +51,12 @@ API_ALLOWED = Setting("CLIPMASK_API_ALLOWED", None, "URL prefixes a request's `s
                       "every request naming a location is refused", "text", shown="none")
 API_UPLOADS = Setting("CLIPMASK_API_UPLOADS", None, "where `POST /v1/masks` stores uploaded images before "
                       "they are masked: an S3 prefix or a folder. None: uploads are refused", "text", shown="none")
+API_CALLBACKS = Setting("CLIPMASK_API_CALLBACKS", None, "URL prefixes a request's `callback_url` may start with, "
+                        "comma-separated (`https://hooks.example.com/clipmask/`); anything else is `403`. None: "
+                        "callbacks are refused", "text", shown="none")
+WEBHOOK_SECRET = Setting("CLIPMASK_WEBHOOK_SECRET", None, "key that signs callbacks (Standard Webhooks): `whsec_` "
+                         "and base64; the workers sign with it, `serve` needs it to take callbacks", "text",
+                         shown="none")
 API_MAX_BYTES = Setting("CLIPMASK_API_MAX_BYTES", 64 * 1024 * 1024, "largest request body `clipmask serve` "
                         "takes (an upload), bytes; larger is `413`", minimum=1, shown="67108864 (64 MiB)")
 
@@ -58,7 +64,7 @@ API_MAX_BYTES = Setting("CLIPMASK_API_MAX_BYTES", 64 * 1024 * 1024, "largest req
 SETTINGS: dict[str, Setting] = {setting.name: setting for setting in (
     REDIS_URL, QUEUE, TASK_TIME_LIMIT, VISIBILITY_TIMEOUT, RESTORE_INTERVAL, RESTORE_THROTTLE, RESULT_EXPIRES,
     JOB_WINDOW, STORAGE_RETRY_S, RETRY_MAX_DELAY_S, HEAL_INTERVAL, SCHEDULE, API_TOKENS, API_ALLOWED, API_UPLOADS,
-    API_MAX_BYTES)}
+    API_CALLBACKS, WEBHOOK_SECRET, API_MAX_BYTES)}
 
 
 def redis_url() -> str:

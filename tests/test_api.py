@@ -4,11 +4,14 @@ with requests, curl and Node."""
 
 from __future__ import annotations
 
+import base64
+import http.server
 import json
 import os
 import signal
 import struct
 import subprocess
+import threading
 import time
 import uuid
 import zlib
@@ -27,6 +30,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 #: Request bodies over this are refused (small, so that the test sends little).
 MAX_BYTES = 200_000
 CAT = sample_inputs()["photos/cat.jpg"]
+SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
 
 
 # --- the services ------------------------------------------------------------
@@ -42,15 +46,66 @@ def bucket(s3_env) -> str:
     return name
 
 
+class Receiver:
+    """An HTTP server in this process that records the callbacks it is sent; ``/hooks/flaky``
+    answers 503 to its first message."""
+
+    def __init__(self):
+        self.messages: list[tuple[str, dict, bytes]] = []
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with receiver.lock:
+                    receiver.messages.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+                    first = sum(path == self.path for path, _, _ in receiver.messages) == 1
+                self.send_response(503 if self.path.endswith("flaky") and first else 204)
+                self.end_headers()
+
+            def log_message(self, *_args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait(self, msg_id: str, attempts: int = 1, timeout: float = 90) -> list[tuple[dict, bytes]]:
+        """The messages with ``webhook-id`` ``msg_id``, once there are ``attempts`` of them."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                found = [(headers, body) for _, headers, body in self.messages if headers.get("webhook-id") == msg_id]
+            if len(found) >= attempts:
+                return found
+            time.sleep(0.1)
+        raise AssertionError(f"no callback {msg_id}: {self.messages}")
+
+
 @pytest.fixture(scope="module")
-def env(s3_env, redis_url, tiny_model, bucket, tmp_path_factory) -> dict:
+def receiver():
+    receiver = Receiver()
+    yield receiver
+    receiver.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def node_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def env(s3_env, redis_url, tiny_model, bucket, tmp_path_factory, receiver, node_port) -> dict:
     base = redis_url.rsplit("/", 1)[0]
     allowed = tmp_path_factory.mktemp("allowed")
     return {**s3_env, "CELERY_BROKER_URL": f"{base}/0", "CELERY_RESULT_BACKEND": f"{base}/1",
             "CLIPMASK_MODEL": tiny_model, "CLIPMASK_QUEUE": f"test-{uuid.uuid4().hex[:8]}", "HF_HUB_OFFLINE": "1",
             "CLIPMASK_API_TOKENS": f"other-token,{TOKEN}",
             "CLIPMASK_API_ALLOWED": f"s3://{bucket}/in/,s3://{bucket}/out,{allowed}",
-            "CLIPMASK_API_UPLOADS": f"s3://{bucket}/uploads/", "CLIPMASK_API_MAX_BYTES": str(MAX_BYTES)}
+            "CLIPMASK_API_UPLOADS": f"s3://{bucket}/uploads/", "CLIPMASK_API_MAX_BYTES": str(MAX_BYTES),
+            "CLIPMASK_API_CALLBACKS": f"{receiver.url},http://127.0.0.1:{node_port}/",
+            "CLIPMASK_WEBHOOK_SECRET": SECRET}
 
 
 class Server:
@@ -371,6 +426,77 @@ def test_the_client_examples_upload_wait_and_download(server, worker, bucket, tm
     assert refused.returncode == 1 and "401" in refused.stderr and "CLIPMASK_API_TOKENS" in refused.stderr
 
 
+# --- callbacks -----------------------------------------------------------------
+
+
+def test_callbacks_are_signed_and_delivered_when_a_mask_or_a_job_ends(server, worker, bucket, receiver):
+    from standardwebhooks import Webhook
+
+    verify = Webhook(SECRET).verify
+    # When an upload asks for a callback
+    asked = upload(server, CAT, dest=f"s3://{bucket}/out/hooked/", prompt="a cat",
+                   callback_url=receiver.url + "mask")
+    assert asked.status_code == 202, asked.text
+    mask_id = asked.json()["id"]
+    # Then the result is POSTed there, signed as Standard Webhooks specifies: what GET answers
+    (headers, body), = receiver.wait(f"mask_{mask_id}")
+    message = verify(body, headers)
+    assert message["type"] == "mask.finished"
+    assert message["data"] == server.get(f"/v1/masks/{mask_id}").json()
+    assert message["data"]["status"] == "succeeded"
+    # And a tampered body does not verify
+    with pytest.raises(Exception, match="signature"):
+        verify(body.replace(b"succeeded", b"failed"), headers)
+
+    # When a job asks for one, its summary is POSTed once it has finished
+    job = server.post("/v1/jobs", json={"source": f"s3://{bucket}/in/photos/deep/", "dest": f"s3://{bucket}/out/hj/",
+                                        "prompt": "a cat", "callback_url": receiver.url + "job"})
+    assert job.status_code == 202, job.text
+    job_id = job.json()["id"]
+    (headers, body), = receiver.wait(f"job_{job_id}")
+    summary = verify(body, headers)["data"]
+    assert (summary["job_id"], summary["succeeded"], summary["failed"]) == (job_id, 1, 0)
+    assert summary["manifest"] == wait_for_job(server, job_id)["manifest"]
+
+    # When the receiver fails the first attempt, the same message comes again, signed anew
+    flaky = server.post("/v1/masks", json={"source": f"s3://{bucket}/in/alpha.png", "prompt": "a cat",
+                                           "dest": f"s3://{bucket}/out/hooked/",
+                                           "callback_url": receiver.url + "flaky"})
+    first, second = receiver.wait(f"mask_{flaky.json()['id']}", attempts=2)
+    assert verify(second[1], second[0])["data"]["status"] == "succeeded"
+    assert verify(first[1], first[0])["data"]["id"] == flaky.json()["id"]
+
+
+def test_callbacks_outside_the_allowed_prefixes_are_refused(server, bucket, receiver):
+    body = {"source": f"s3://{bucket}/in/alpha.png", "dest": f"s3://{bucket}/out/", "prompt": "cat"}
+    for url in ("http://169.254.169.254/latest/meta-data/", "http://127.0.0.1:6379/",
+                receiver.url.replace("/hooks/", "/"), receiver.url.replace("127.0.0.1", "127.0.0.1.example.com")):
+        refused = problem(server.post("/v1/masks", json={**body, "callback_url": url}), 403)
+        assert refused["field"] == "callback_url" and "CLIPMASK_API_CALLBACKS" in refused["detail"]
+    with_user = receiver.url.replace("http://", "http://admin@")
+    assert problem(server.post("/v1/masks", json={**body, "callback_url": with_user}), 422)["errors"][0]["field"] == (
+        "callback_url")
+    job = {"source": f"s3://{bucket}/in/", "dest": f"s3://{bucket}/out/", "prompt": "cat", "callback_url": "http://x/"}
+    assert problem(server.post("/v1/jobs", json=job), 403)["field"] == "callback_url"
+
+
+def test_the_node_receiver_verifies_a_callback(server, worker, bucket, node_port):
+    receiving = subprocess.Popen(["node", "clients/webhook.mjs", str(node_port), "1"], cwd=REPO, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 env={"PATH": os.environ["PATH"], "CLIPMASK_WEBHOOK_SECRET": SECRET})
+    try:
+        assert receiving.stdout.readline().startswith("listening"), receiving.stderr.read()
+        asked = upload(server, CAT, dest=f"s3://{bucket}/out/node-hook/", prompt="a cat",
+                       callback_url=f"http://127.0.0.1:{node_port}/clipmask")
+        out, err = receiving.communicate(timeout=90)
+    finally:
+        receiving.kill()
+    assert receiving.returncode == 0, err
+    verified, data = out.splitlines()
+    assert verified == f"verified mask.finished mask_{asked.json()['id']}"
+    assert json.loads(data)["status"] == "succeeded"
+
+
 # --- the schema, metrics, readiness ----------------------------------------------
 
 
@@ -412,6 +538,8 @@ def test_serve_refuses_to_start_without_a_token(env):
     assert no_token.returncode == 2 and "CLIPMASK_API_TOKENS" in no_token.stderr
     open_wide = clipmask("serve", "--no-auth", "--host", "0.0.0.0", env=env, timeout=60)
     assert open_wide.returncode == 2 and "--no-auth binds 127.0.0.1 only" in open_wide.stderr
+    unsigned = clipmask("serve", env={**env, "CLIPMASK_WEBHOOK_SECRET": ""}, timeout=60)
+    assert unsigned.returncode == 2 and "CLIPMASK_WEBHOOK_SECRET is not set" in unsigned.stderr
 
 
 def test_readyz_fails_while_redis_is_stopped_and_recovers(server, redis_server):

@@ -9,6 +9,11 @@
   included), so ``s3://masks/`` does not admit ``s3://masks-other/`` and ``/data/in/../etc``
   is ``/data/etc``. Without the list, a token holder could make the workers read any bucket
   they can, or any file on their disks.
+- **Callbacks.** A ``callback_url`` must start with one of ``CLIPMASK_API_CALLBACKS``, compared
+  by scheme, host, port and path (``https://hooks.example.com/`` does not admit
+  ``https://hooks.example.com.evil/``), and carry no user or password; the workers then POST to
+  the URL as this module rebuilt it, and follow no redirect. Without the list, a token holder could
+  make the workers call internal addresses: a cloud metadata endpoint, Redis, an admin port.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import hashlib
 import hmac
 import os
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from storage import parse_url, split_object_url
 from storage.base import check_key
@@ -143,3 +149,52 @@ class Allowed:
         raise Problem(403, "location-not-allowed",
                       f"{field} {url} is not under an allowed prefix (CLIPMASK_API_ALLOWED: {listed}){local}",
                       field=field, allowed=list(self.prefixes))
+
+
+def canonical_http(url: str) -> tuple[str, str]:
+    """An ``http(s)://`` URL rebuilt from its parts: (the URL to call, its part to compare:
+    ``scheme://host:port/path``). Raises ``ValueError`` for another scheme, no host, a user or
+    password, or a malformed port."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http:// or https:// URL")
+    if parts.username is not None or parts.password is not None or "\\" in url:
+        raise ValueError(f"{url!r} must not carry a user, a password or a backslash")
+    host = parts.hostname.lower()
+    host = f"[{host}]" if ":" in host else host
+    port = parts.port or (443 if scheme == "https" else 80)
+    compared = f"{scheme}://{host}:{port}{parts.path or '/'}"
+    return compared + (f"?{parts.query}" if parts.query else ""), compared
+
+
+@dataclass(frozen=True)
+class Callbacks:
+    """The URL prefixes a ``callback_url`` may start with (``CLIPMASK_API_CALLBACKS``), canonical."""
+
+    prefixes: tuple[str, ...]
+
+    @classmethod
+    def from_env(cls) -> Callbacks:
+        raw = settings.API_CALLBACKS.get() or ""
+        try:
+            prefixes = tuple(canonical_http(part)[1] for part in raw.split(",") if part.strip())
+        except ValueError as err:
+            raise UsageError(f"CLIPMASK_API_CALLBACKS: {err}") from None
+        if prefixes:
+            from tasks.webhooks import secret_key
+
+            secret_key()  # UsageError: callbacks could not be signed
+        return cls(prefixes)
+
+    def url(self, field: str, url: str) -> str:
+        """The URL the workers will call, once allowed; else a ``403`` (``422`` if malformed)."""
+        try:
+            target, compared = canonical_http(url)
+        except ValueError as err:
+            raise invalid_field(field, str(err)) from None
+        if not any(compared.startswith(prefix) for prefix in self.prefixes):
+            listed = ", ".join(self.prefixes) if self.prefixes else "none: callbacks are off"
+            raise Problem(403, "callback-not-allowed", f"{field} {url} does not start with an allowed prefix "
+                          f"(CLIPMASK_API_CALLBACKS: {listed})", field=field, allowed=list(self.prefixes))
+        return target

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from storage import ObjectStore, open_store
 from tasks import settings
-from tasks.api.access import Allowed, Tokens
+from tasks.api.access import Allowed, Callbacks, Tokens
 from tasks.api.planners import Planners
 from tasks.errors import UsageError
 from tasks.jobs.index import JobIndex
@@ -28,6 +28,7 @@ class Context:
     uploads: ObjectStore | None
     max_bytes: int
     jobs: JobIndex
+    callbacks: Callbacks = field(default_factory=lambda: Callbacks(()))
     planners: Planners = field(default_factory=Planners)
 
     @classmethod
@@ -39,7 +40,7 @@ class Context:
         except ValueError as err:
             raise UsageError(f"CLIPMASK_API_UPLOADS: {err}") from None
         return cls(Tokens.from_env(no_auth), Allowed.from_env(), store, settings.API_MAX_BYTES.get(),
-                   JobIndex.from_env())
+                   JobIndex.from_env(), Callbacks.from_env())
 
     @property
     def redis(self):

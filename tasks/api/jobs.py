@@ -25,6 +25,7 @@ from tasks.api.planners import Full, Plan
 from tasks.api.problems import Problem, documented, from_error
 from tasks.errors import JobNotFoundError, NothingNewError
 from tasks.jobs.index import FINISHED_TTL_S, PREFIX, job_status, now_iso
+from tasks.webhooks import job_callback_key
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(authorized)])
@@ -54,17 +55,22 @@ STATUS = {"description": "what `clipmask status JOB --json` prints",
                                                        "description": "/v1/jobs/{id}"}}},
                         **documented(401, 403, 413, 422, 503)})
 async def submit(request: Request, asked: JobRequest) -> JSONResponse:
-    """The fields of `clipmask submit`. Answers `202` with `{"id", "state": "planning"}` once
-    the job is named, before its source is listed; SRC, DST and the broker are checked first (a
-    source that does not exist or a DST that takes no write: `422`)."""
+    """The fields of `clipmask submit`, and `callback_url` (POSTed the job's summary when it
+    ends). Answers `202` with `{"id", "state": "planning"}` once the job is named, before its
+    source is listed; SRC, DST and the broker are checked first (a source that does not exist or a
+    DST that takes no write: `422`)."""
     ctx = context(request)
     source, dest = ctx.allowed.prefix("source", asked.source), ctx.allowed.prefix("dest", asked.dest)
     spec = asked.spec()
+    callback = ctx.callbacks.url("callback_url", asked.callback_url) if asked.callback_url else None
 
     def plan(handle: Plan) -> str:
         from tasks.jobs.planning import submit_job
 
         def named(job_id: str) -> None:
+            if callback:  # read by the job's finishing step
+                open_store(dest).write_bytes(job_callback_key(job_id), json.dumps({"url": callback}).encode(),
+                                             "application/json")
             _note(ctx, job_id, {"state": "planning", "source": source, "dest": dest, "created_at": now_iso()})
             handle.name(job_id)
 

@@ -16,6 +16,7 @@ from tasks.api.models import Accepted, MaskRequest, MaskResult, Pending, UploadF
 from tasks.api.offload import MaskState, mask_state, new_mask_id, record_of, send_mask
 from tasks.api.problems import Problem, documented, invalid_field
 from tasks.api.uploads import CONTENT_TYPES, checked_image, upload_name
+from tasks.webhooks import mask_result
 
 router = APIRouter(prefix="/v1/masks", tags=["masks"], dependencies=[Depends(authorized)])
 
@@ -23,7 +24,6 @@ router = APIRouter(prefix="/v1/masks", tags=["masks"], dependencies=[Depends(aut
 MAX_WAIT_S = 60
 #: Seconds between looks at a result while a request waits for it: from the first to the last.
 POLL_FIRST_S, POLL_MAX_S = 0.05, 0.5
-ROLES = ("mask", "raw")
 
 MaskId = Path(pattern=r"^[0-9a-f]{32}$", description="the id `POST /v1/masks` answered")
 Wait = Query(0, ge=0, le=MAX_WAIT_S, description="seconds to hold the request until the mask is done: `200` "
@@ -56,11 +56,11 @@ async def create_mask(request: Request, wait: float = Wait) -> Response:
     `file` and the same fields but `source`: the image is stored under `CLIPMASK_API_UPLOADS`
     and masked from there. Outputs go to `dest`, under the image's name (an upload's under
     `<id>/<name>`). `202` with `{"id", "state"}` and `Location`; with `wait`, `200` and the
-    result if it is done in time."""
+    result if it is done in time. With `callback_url`, the result is also POSTed there, signed."""
     ctx, mask_id = context(request), new_mask_id()
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        root, key, dest, spec = await _from_upload(ctx, request, mask_id)
+        root, key, dest, spec, callback = await _from_upload(ctx, request, mask_id)
     elif content_type in ("application/json", ""):
         try:
             data = json.loads(await request.body() or b"null")
@@ -69,11 +69,13 @@ async def create_mask(request: Request, wait: float = Wait) -> Response:
         asked = validate_model(MaskRequest, data)
         source = ctx.allowed.object("source", asked.source)
         dest, spec = ctx.allowed.prefix("dest", asked.dest), asked.spec()
+        callback = ctx.callbacks.url("callback_url", asked.callback_url) if asked.callback_url else None
         root, key = split_object_url(source)
     else:
         raise Problem(415, "unsupported-media-type",
                       f"send application/json or multipart/form-data, not {content_type}")
-    await blocking(send_mask, ctx.redis, mask_id, root, key, dest, spec, uploaded=content_type == "multipart/form-data")
+    await blocking(send_mask, ctx.redis, mask_id, root, key, dest, spec, uploaded=content_type == "multipart/form-data",
+                   callback_url=callback)
     state = await _within(mask_id, {"source": f"{root.rstrip('/')}/{key}"}, wait) if wait else MaskState("queued")
     return _answer(mask_id, state)
 
@@ -92,6 +94,7 @@ async def _from_upload(ctx: Context, request: Request, mask_id: str):
             raise invalid_field("source", "an upload is the source: send source in JSON, or the image in file")
         asked = validate_model(UploadFields, fields)
         dest, spec = ctx.allowed.prefix("dest", asked.dest), asked.spec()
+        callback = ctx.callbacks.url("callback_url", asked.callback_url) if asked.callback_url else None
         data = await upload.read()
         extension = await blocking(checked_image, data)
         key = f"{mask_id}/{upload_name(upload.filename, extension)}"
@@ -103,7 +106,7 @@ async def _from_upload(ctx: Context, request: Request, mask_id: str):
                           headers={"Retry-After": "5"}) from None
     finally:
         await form.close()
-    return ctx.uploads.url, key, dest, spec
+    return ctx.uploads.url, key, dest, spec, callback
 
 
 @router.get("/{mask_id}", response_model=MaskResult, summary="A mask request's state, or its result",
@@ -174,6 +177,4 @@ def _answer(mask_id: str, state: MaskState) -> JSONResponse:
     if state.state != "finished":
         return JSONResponse({"id": mask_id, "state": state.state}, status_code=202,
                             headers={"Location": f"/v1/masks/{mask_id}"})
-    row = state.row
-    files = {role: f"/v1/masks/{mask_id}/{role}.png" for role in ROLES if role in (row.get("outputs") or {})}
-    return JSONResponse({"id": mask_id, "state": "finished", **row, "files": files})
+    return JSONResponse(mask_result(mask_id, state.row))

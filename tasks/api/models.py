@@ -37,6 +37,8 @@ class MaskOptions(BaseModel):
     raw_bits: Literal[8, 16] = Field(8, description="bit depth of the raw mask PNG")
     outputs: list[Literal["mask", "raw"]] = Field(list(OUTPUTS), min_length=1,
                                                   description="the image files to write")
+    callback_url: str | None = Field(None, description="POSTed the result when it is ready, signed as Standard "
+                                     "Webhooks specifies; must start with one of CLIPMASK_API_CALLBACKS")
 
     @field_validator("raw_bits", mode="before")
     @classmethod
@@ -51,7 +53,8 @@ class MaskOptions(BaseModel):
     def spec(self) -> MaskSpec:
         """The ``MaskSpec``; a ``422`` naming the field for what only the spec can tell (a prompt
         of nothing but ``|``)."""
-        options = self.model_dump(exclude={"prompt", "negative", "source", "dest", "chunk_size", "skip_existing"})
+        options = self.model_dump(exclude={"prompt", "negative", "source", "dest", "chunk_size", "skip_existing",
+                                           "callback_url"})
         if options["max_side"] is None:
             options["max_side"] = worker_settings.MAX_SIDE.get()
         options["outputs"] = tuple(options["outputs"])

@@ -45,12 +45,14 @@ def new_mask_id() -> str:
 
 
 def send_mask(client: redis.Redis, mask_id: str, root: str, key: str, dest: str, spec: MaskSpec,
-              uploaded: bool = False) -> None:
-    """Record the request, then queue its task (``tasks.masks.mask_image``) under the same id."""
+              uploaded: bool = False, callback_url: str | None = None) -> None:
+    """Record the request, then queue its task (``tasks.masks.mask_image``) under the same id;
+    the task POSTs its result to ``callback_url`` too."""
     record = {"source": root.rstrip("/") + "/" + key, "dest": dest, "created_at": now_iso(), "uploaded": int(uploaded)}
     client.set(PREFIX + mask_id, json.dumps(record), ex=settings.RESULT_EXPIRES.get())
     try:
-        app.send_task(MASK_IMAGE, args=(root, key, dest, spec.to_dict()), task_id=mask_id, retry_policy=SEND_RETRY)
+        app.send_task(MASK_IMAGE, args=(root, key, dest, spec.to_dict()), task_id=mask_id, retry_policy=SEND_RETRY,
+                      kwargs={"callback_url": callback_url} if callback_url else {})
     except Exception:
         client.delete(PREFIX + mask_id)  # never queued: unknown
         raise
