@@ -245,7 +245,7 @@ def bench_listing(n: int, prefixes: int, rtt_ms: float, repeat: int, chunk: int,
         figures["parallel_vs_sequential"] = round(figures["sequential"]["s"] / figures["parallel"]["s"], 2)
         print(f"  side by side / one after another: {figures['parallel_vs_sequential']}x  (target >= 5x)")
 
-        figures["planning"] = bench_planning(bucket, root, n, chunk, workdir)
+        figures["planning"] = bench_planning(bucket, root, n, chunk, workdir, repeat)
         plan = figures["planning"]
         figures["planning_parallel_vs_sequential"] = round(plan["sequential"]["s"] / plan["parallel"]["s"], 2)
         print(f"  planning, side by side / one after another: {figures['planning_parallel_vs_sequential']}x")
@@ -254,8 +254,9 @@ def bench_listing(n: int, prefixes: int, rtt_ms: float, repeat: int, chunk: int,
     return figures
 
 
-def bench_planning(bucket: str, root: str, n: int, chunk: int, workdir: Path) -> dict:
-    """``submit_job`` in this process until the job is planned, the source listed each way."""
+def bench_planning(bucket: str, root: str, n: int, chunk: int, workdir: Path, repeat: int) -> dict:
+    """``submit_job`` in this process until the job is planned, the source listed each way (best
+    of ``repeat``)."""
     from storage import open_store
     from tasks.jobs import planning
     from worker.spec import MaskSpec
@@ -270,15 +271,17 @@ def bench_planning(bucket: str, root: str, n: int, chunk: int, workdir: Path) ->
             def opened(url, options=options, **more):
                 return open_store(url, **options, **more) if str(url).startswith("s3://") else open_store(url, **more)
 
-            client.flushall()
-            planning.open_store, dest = opened, workdir / f"plans-{name}"
-            try:
-                started = time.perf_counter()
-                job_id = planning.submit_job(f"s3://{bucket}/{root}", str(dest), MaskSpec(prompts=("cat",)),
-                                             chunk_size=chunk)
-                seconds = time.perf_counter() - started
-            finally:
-                planning.open_store = open_store
+            seconds = float("inf")
+            for attempt in range(repeat):  # best of ``repeat``, as the listings
+                client.flushall()
+                planning.open_store, dest = opened, workdir / f"plans-{name}-{attempt}"
+                try:
+                    started = time.perf_counter()
+                    job_id = planning.submit_job(f"s3://{bucket}/{root}", str(dest), MaskSpec(prompts=("cat",)),
+                                                 chunk_size=chunk)
+                    seconds = min(seconds, time.perf_counter() - started)
+                finally:
+                    planning.open_store = open_store
             planned = json.loads((dest / "_jobs" / job_id / "planned.json").read_text())
             if planned["total"] != n:
                 raise RuntimeError(f"planned {planned['total']} keys of {n}")
