@@ -187,6 +187,8 @@ def test_submit_skip_existing_plans_only_what_is_new_without_a_request_per_image
         seen = list(proxy.seen)
     # Then the four are masked, the corrupt image tried again, the 32 others counted up to date
     assert (status["succeeded"], status["failed"], status["skipped"], status["up_to_date"]) == (4, 1, 0, 32)
+    said = clipmask("status", status["job_id"], env=job_env).stdout
+    assert "5/5 done (4 succeeded, 1 failed, 0 skipped), 32 up to date left alone" in said, said
     record = json.loads(s3.get_object(Bucket=bucket, Key="out/many/17.png.json")["Body"].read())
     assert (record["width"], record["height"], record["source_size"]) == (128, 96, len(changed))
     assert record["source_etag"] == s3.head_object(Bucket=bucket, Key="in/many/17.png")["ETag"]

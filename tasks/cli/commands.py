@@ -102,7 +102,7 @@ def status(args: argparse.Namespace, _extra: list[str]) -> int:
     else:
         print(f"job {report['job_id']}: {report['state']}, {report['done']}/{report['total']} done "
               f"({report['succeeded']} succeeded, {report['failed']} failed, {report['skipped']} skipped)"
-              f"{_planning_note(report)}")
+              f"{_up_to_date_note(report)}{_planning_note(report)}")
         if waiting_note(report):
             print(("stuck: " if report["stuck"] else "") + waiting_note(report))
         if retry_note(report):
@@ -110,6 +110,11 @@ def status(args: argparse.Namespace, _extra: list[str]) -> int:
         if report["manifest"]:
             print(f"manifest: {report['manifest']}")
     return 0
+
+
+def _up_to_date_note(report: dict) -> str:
+    """", 32 up to date left alone" for a plan of what is new, else nothing."""
+    return f", {report['up_to_date']} up to date left alone" if report.get("up_to_date") else ""
 
 
 def _planning_note(report: dict) -> str:
