@@ -48,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import redis
@@ -81,9 +82,9 @@ print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_coun
 """
 
 
-def make_source(n: int) -> Path:
-    """N empty .jpg files, 1,000 per folder, made once and reused."""
-    folder = BENCH_DIR / ".cache" / f"keys-{n}"
+def make_files(name: str, n: int, names: Callable[[int], Iterable[str]], what: str) -> Path:
+    """Empty files ``names(i)`` for i < N, 1,000 i per folder, made once under ``bench/.cache/name``."""
+    folder = BENCH_DIR / ".cache" / name
     stamp = folder / ".complete"
     if not stamp.exists():
         started = time.perf_counter()
@@ -91,10 +92,16 @@ def make_source(n: int) -> Path:
             shard = folder / f"s{i // 1000:05d}"
             if i % 1000 == 0:
                 shard.mkdir(parents=True, exist_ok=True)
-            (shard / f"k{i:08d}.jpg").touch()
+            for file_name in names(i):
+                (shard / file_name).touch()
         stamp.touch()
-        print(f"  made {n} files in {time.perf_counter() - started:.0f}s", flush=True)
+        print(f"  made {what} in {time.perf_counter() - started:.0f}s", flush=True)
     return folder
+
+
+def make_source(n: int) -> Path:
+    """N empty .jpg files, 1,000 per folder, made once and reused."""
+    return make_files(f"keys-{n}", n, lambda i: (f"k{i:08d}.jpg",), f"{n} files")
 
 
 def used_memory(client: redis.Redis) -> int:
@@ -309,20 +316,8 @@ def is_changed(i: int) -> bool:
 
 def make_outputs(n: int) -> Path:
     """The outputs of ``make_source(n)``'s keys but the new ones, made once, after the source."""
-    folder = BENCH_DIR / ".cache" / f"outputs-{n}"
-    stamp = folder / ".complete"
-    if not stamp.exists():
-        started = time.perf_counter()
-        for i in range(n):
-            shard = folder / f"s{i // 1000:05d}"
-            if i % 1000 == 0:
-                shard.mkdir(parents=True, exist_ok=True)
-            if not is_new(i):
-                for suffix in OUTPUT_SUFFIXES:
-                    (shard / f"k{i:08d}.jpg{suffix}").touch()
-        stamp.touch()
-        print(f"  made the outputs of {n} files in {time.perf_counter() - started:.0f}s", flush=True)
-    return folder
+    return make_files(f"outputs-{n}", n, lambda i: () if is_new(i) else [f"k{i:08d}.jpg{suffix}" for suffix in
+                                                                        OUTPUT_SUFFIXES], f"the outputs of {n} files")
 
 
 def source_path(source: Path, i: int) -> Path:
