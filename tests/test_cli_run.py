@@ -69,6 +69,14 @@ def test_run_reads_and_writes_s3_urls(image_dir, tmp_path, run_env, s3_env, s3_b
     assert "masks/photos/cat.jpg.mask.png" in keys and "masks/alpha.png.json" in keys
 
 
+def test_run_shows_progress_against_the_images_counted(image_dir, tmp_path, run_env):
+    # The images are counted beside the work, not before it: the bar learns its total as it goes
+    result = clipmask("run", str(image_dir), "--out", str(tmp_path / "out"), "--prompt", "dog", "--device", "cpu",
+                      env=run_env)
+    assert result.returncode == 1  # the corrupt input
+    assert "5/5 [" in result.stderr, result.stderr
+
+
 def test_run_skip_existing_masks_new_and_changed_images_only(image_dir, tmp_path, run_env):
     out = tmp_path / "out"
     args = ["run", str(image_dir), "--out", str(out), "--prompt", "dog", "--quiet", "--device", "cpu"]

@@ -6,12 +6,16 @@ second, not after a whole job has been computed.
 
 from __future__ import annotations
 
+import logging
+import threading
 import uuid
 
 from storage import ObjectStore, open_store
 from storage.layout import JOBS_PREFIX
 from tasks.errors import DestinationError, SourceError
 from tasks.jobs.listing import image_keys, no_images
+
+log = logging.getLogger(__name__)
 
 
 def check_source(source: ObjectStore) -> None:
@@ -44,14 +48,44 @@ def check_writable(dest: ObjectStore) -> None:
                                "or fix its permissions or credentials") from None
 
 
-def check_run(source_url: str, dest_url: str) -> tuple[ObjectStore, ObjectStore, int]:
+def check_run(source_url: str, dest_url: str) -> tuple[ObjectStore, ObjectStore, ImageCount]:
     """Before ``clipmask run`` loads a model: SRC exists and holds images, DST takes a write.
-    Returns (source, dest, images under SRC). Raises ``SourceError``, ``NoImagesError``,
-    ``DestinationError``, ``ValueError`` for a malformed URL."""
+    Returns (source, dest, the count of images under SRC, under way). Raises ``SourceError``,
+    ``NoImagesError``, ``DestinationError``, ``ValueError`` for a malformed URL."""
     source, dest = open_store(source_url), open_store(dest_url)
     check_source(source)
     check_writable(dest)
-    total = sum(1 for _ in image_keys(source))
-    if not total:
+    keys = image_keys(source)
+    try:
+        first = next(keys, None)
+    finally:
+        keys.close()
+    if first is None:
         raise no_images(source)
-    return source, dest, total
+    return source, dest, ImageCount(source)
+
+
+class ImageCount:
+    """The images under a source, counted by a listing of its own in a thread, so that the work
+    does not wait for it: a flat S3 prefix of 10^6 keys is 1,000 round trips, minutes at S3's.
+    ``value`` is None until the count is done (or if it failed: it is only for a progress bar)."""
+
+    def __init__(self, source: ObjectStore) -> None:
+        self._value: int | None = None
+        self._thread = threading.Thread(target=self._count, args=(source,), name="clipmask-count", daemon=True)
+        self._thread.start()
+
+    def _count(self, source: ObjectStore) -> None:
+        try:
+            self._value = sum(1 for _ in image_keys(source))
+        except Exception as err:  # noqa: BLE001 - a progress bar without a total; the run itself says
+            log.info("could not count the images under %s: %s", source.url, err)
+
+    @property
+    def value(self) -> int | None:
+        return self._value
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """The count, once done (None if it failed or ``timeout`` passed)."""
+        self._thread.join(timeout)
+        return self._value

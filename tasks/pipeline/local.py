@@ -10,25 +10,27 @@ from tasks.jobs.incremental import Scan
 from tasks.jobs.index import new_job_id, now_iso
 from tasks.jobs.listing import image_keys
 from tasks.jobs.manifest import CountingLines, write_summary
+from tasks.jobs.preflight import ImageCount
 from tasks.pipeline.stream import Pipeline
 from worker.engine import MaskEngine
 from worker.spec import MaskSpec
 
 
-def run_local(source: ObjectStore, dest: ObjectStore, spec: MaskSpec, engine: MaskEngine, *, total: int | None = None,
-              skip_existing: bool = False, progress: bool = True) -> dict:
+def run_local(source: ObjectStore, dest: ObjectStore, spec: MaskSpec, engine: MaskEngine, *,
+              total: ImageCount | int | None = None, skip_existing: bool = False, progress: bool = True) -> dict:
     """Mask every image under ``source`` into ``dest``; returns the summary also written there.
 
     Check both first, before loading the engine (``tasks.jobs.preflight.check_run``, which also
-    counts the images: ``total``, for the progress bar). The source is listed again to mask it, so
-    that no list of keys or rows is held.
+    starts counting the images: ``total``, the progress bar's, once known). The source is listed
+    again to mask it, so that no list of keys or rows is held.
     """
     run_id = new_job_id()
     record = {"source": source.url, "dest": dest.url, "spec": spec.to_dict(), "created_at": now_iso()}
     files, counter = JobFiles(dest, run_id), CountingLines()
     scan = Scan(source, dest) if skip_existing else None  # what is new or changed, from the two listings
     pipeline = Pipeline(engine, source, dest, spec, False, f"run {run_id}")
-    with tqdm(total=total, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+    count = total if isinstance(total, ImageCount) else None
+    with tqdm(total=None if count else total, unit="img", disable=not progress, dynamic_ncols=True) as bar:
         passed = 0  # images found up to date that the bar counted
 
         def count_up_to_date() -> None:
@@ -40,6 +42,8 @@ def run_local(source: ObjectStore, dest: ObjectStore, spec: MaskSpec, engine: Ma
         def rows():
             for outcome in pipeline.run(scan.keys() if scan else image_keys(source)):
                 yield outcome.row()
+                if count is not None and bar.total is None and count.value is not None:
+                    bar.total = count.value
                 bar.update()
                 count_up_to_date()
                 bar.set_postfix({**counter.counts, **({"up_to_date": passed} if scan else {})}, refresh=False)
