@@ -3,16 +3,18 @@ problem details, and the OpenAPI schema (``/openapi.json``, ``/docs``)."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
 
 from tasks.api import health, jobs, masks, problems
 from tasks.api.context import Context
 from tasks.api.metrics import ApiMetrics, Measured
-from tasks.api.offload import never_join_results
+from tasks.api.offload import app_backend, never_join_results
 from tasks.api.uploads import BodyLimit
 
 log = logging.getLogger(__name__)
@@ -40,13 +42,28 @@ def _version() -> str:
         return "0+unknown"
 
 
+def settle(app: FastAPI, ctx: Context) -> None:
+    """Make what the first requests would otherwise make (the schema, the result backend, the
+    broker's, Redis' and the uploads store's clients, botocore's service models among them,
+    through one readiness check, whatever it answers), then move every object made so far out
+    of the garbage collector's sight (``gc.freeze``): they live as long as the process, and a
+    full collection that walked them all held every request in flight for 67 to 80 ms under
+    load, where it now takes about 5 (``bench/bench_api.py``, docs/performance.md)."""
+    app.openapi()
+    app_backend()
+    health.run_checks(ctx)
+    gc.collect()
+    gc.freeze()
+
+
 def create_app(ctx: Context) -> FastAPI:
     """The app for ``ctx`` (``Context.from_env()``)."""
     @asynccontextmanager
-    async def lifespan(_app: FastAPI):
+    async def lifespan(app: FastAPI):
         never_join_results()
         if ctx.uploads is not None and not ctx.uploads.url.startswith("s3://"):
             os.makedirs(ctx.uploads.url, exist_ok=True)
+        await run_in_threadpool(settle, app, ctx)
         yield
         ctx.planners.join()
 

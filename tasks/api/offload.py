@@ -40,6 +40,11 @@ def never_join_results() -> None:
     _set_task_join_will_block(True)
 
 
+def app_backend():
+    """The result backend results are read from (made on first use)."""
+    return app.backend
+
+
 def new_mask_id() -> str:
     return uuid.uuid4().hex
 
@@ -50,9 +55,12 @@ def send_mask(client: redis.Redis, mask_id: str, root: str, key: str, dest: str,
     the task POSTs its result to ``callback_url`` too."""
     record = {"source": root.rstrip("/") + "/" + key, "dest": dest, "created_at": now_iso(), "uploaded": int(uploaded)}
     client.set(PREFIX + mask_id, json.dumps(record), ex=settings.RESULT_EXPIRES.get())
+    args, kwargs = (root, key, dest, spec.to_dict()), {"callback_url": callback_url} if callback_url else {}
     try:
-        app.send_task(MASK_IMAGE, args=(root, key, dest, spec.to_dict()), task_id=mask_id, retry_policy=SEND_RETRY,
-                      kwargs={"callback_url": callback_url} if callback_url else {})
+        # The arguments' repr given, as Celery would write it: its own safe repr of them costs a
+        # third of the send.
+        app.send_task(MASK_IMAGE, args=args, kwargs=kwargs, task_id=mask_id, retry_policy=SEND_RETRY,
+                      argsrepr=repr(args), kwargsrepr=repr(kwargs))
     except Exception:
         client.delete(PREFIX + mask_id)  # never queued: unknown
         raise
