@@ -4,12 +4,14 @@ There is no Docker daemon on the development machines, so these tests read the f
 compose file against the Compose specification's schema (check-jsonschema) and the Dockerfiles
 with hadolint, then the promises made in docker/README.md one by one. The scripts that the
 compose file runs inside containers (the worker's GPU claim, Flower's login, beat's
-healthcheck, the worker's healthcheck) are run here for real, with Compose's ``$$`` escapes
-undone, against local stand-ins for what the container would have.
+healthcheck, the worker's healthcheck, the API's healthcheck against ``clipmask serve``) are
+run here for real, with Compose's ``$$`` escapes undone, against local stand-ins for what the
+container would have.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -266,6 +268,164 @@ def test_prometheus_scrapes_every_worker_replica_and_flower():
     assert str(port) in compose["services"]["worker"]["expose"]
     assert jobs["flower"]["static_configs"] == [{"targets": ["flower:5555"]}]
     assert jobs["flower"]["metrics_path"] == "/metrics"
+
+
+def test_prometheus_scrapes_every_api_replica_on_its_port():
+    compose = load_compose()
+    config = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    api = compose["services"]["api"]
+    port = int(_option(api["command"], "--port"))
+    # /metrics is the path Prometheus asks by default, and the one serve answers without a token.
+    assert jobs["clipmask-api"].get("metrics_path", "/metrics") == "/metrics"
+    assert jobs["clipmask-api"]["dns_sd_configs"] == [
+        {"names": ["api"], "type": "A", "port": port, "refresh_interval": "30s"}]
+
+
+# --- the api service (clipmask serve) -----------------------------------------------------------
+
+def _option(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
+def test_api_is_published_on_localhost_unless_told_and_ships_no_token():
+    api = load_compose()["services"]["api"]
+    assert api["command"][:2] == ["clipmask", "serve"] and "--no-auth" not in api["command"]
+    port = _option(api["command"], "--port")
+    assert api["ports"] == [f"127.0.0.1:8000:{port}"]
+    assert load_compose({"API_BIND": "0.0.0.0", "API_PORT": "80"})["services"]["api"]["ports"] == [f"0.0.0.0:80:{port}"]
+    # No token in the file: unset, it is empty, and serve refuses to start (tested below).
+    assert raw_compose()["services"]["api"]["environment"]["CLIPMASK_API_TOKENS"] == "${CLIPMASK_API_TOKENS:-}"
+    assert api["environment"]["CLIPMASK_API_TOKENS"] == ""
+    assert load_compose({"CLIPMASK_API_TOKENS": "a,b"})["services"]["api"]["environment"]["CLIPMASK_API_TOKENS"] == "a,b"
+    example = (DOCKER / ".env.example").read_text()
+    assert re.search(r"^CLIPMASK_API_TOKENS=$", example, re.M), "ship no API token"
+    assert re.search(r"^CLIPMASK_WEBHOOK_SECRET=$", example, re.M), "ship no webhook secret"
+
+
+def test_api_reaches_the_workers_broker_and_storage_and_signs_with_their_key():
+    services = load_compose({"CLIPMASK_WEBHOOK_SECRET": "whsec_c2VjcmV0"})["services"]
+    api, worker = services["api"]["environment"], services["worker"]["environment"]
+    # It sends the workers' tasks, reads their results and outputs, and takes callbacks the
+    # workers sign: the same broker, result backend, S3 endpoint and credentials, and key.
+    for key in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "CLIPMASK_WEBHOOK_SECRET"):
+        assert api[key] == worker[key] and api[key], key
+    for key in set(api) & set(worker):
+        assert api[key] == worker[key], key
+    # Every variable of the API's table in docs/operations.md comes from the environment.
+    names = {"CLIPMASK_API_TOKENS", "CLIPMASK_API_ALLOWED", "CLIPMASK_API_UPLOADS", "CLIPMASK_API_CALLBACKS",
+             "CLIPMASK_API_MAX_BYTES"}
+    raw = raw_compose()["services"]["api"]["environment"]
+    assert {name: raw[name].startswith("${" + name + ":-") for name in names} == dict.fromkeys(names, True)
+    # The default uploads prefix is one the API allows, in the bucket minio-init creates.
+    allowed, uploads = api["CLIPMASK_API_ALLOWED"], api["CLIPMASK_API_UPLOADS"]
+    assert uploads.startswith(tuple(allowed.split(","))) and allowed == "s3://clipmask/"
+    assert "local/clipmask" in services["minio-init"]["command"][0]
+    assert set(services["api"]["depends_on"]) == {"redis", "minio-init"}
+
+
+def test_api_grace_period_outlasts_its_plans():
+    from tasks.api.planners import GRACE_S
+
+    api = load_compose()["services"]["api"]
+    # SIGTERM: uvicorn finishes the requests it holds, then waits GRACE_S for the running plans.
+    assert api.get("stop_signal", "SIGTERM") == "SIGTERM"
+    assert seconds(api["stop_grace_period"]) > GRACE_S + 5, api["stop_grace_period"]
+
+
+def _api_env(compose_env: dict, redis_url: str, s3_env: dict, port: int) -> dict:
+    """The api service's environment with the stack's addresses pointed at local stand-ins: the
+    test's redis-server for `redis`, moto for `minio`."""
+    env = dict(load_compose(compose_env)["services"]["api"]["environment"])
+    redis_host = redis_url.split("//", 1)[1].split("/", 1)[0]
+    for key in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"):
+        assert env[key].startswith("redis://redis:6379/"), env[key]
+        env[key] = env[key].replace("redis:6379", redis_host)
+    assert env["AWS_ENDPOINT_URL_S3"] == "http://minio:9000"
+    for key in ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        env[key] = s3_env[key]
+    return {**env, "PATH": f"{VENV_BIN}:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")}
+
+
+class _Serve:
+    """The api service's command, run here on ``port`` with ``env``."""
+
+    def __init__(self, command: list[str], port: int, env: dict, log: Path):
+        command = [str(VENV_BIN / "clipmask") if part == "clipmask" else part for part in command]
+        command[command.index("--port") + 1] = str(port)
+        self.log = log
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(command, env=env, cwd=log.parent, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while not self._listening(port):
+            assert self.process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+
+    @staticmethod
+    def _listening(port: int) -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(30)
+
+
+def test_api_healthcheck_passes_only_while_serve_is_ready(redis_url, s3_env, tmp_path):
+    import boto3
+
+    from tasks.api.health import CHECK_TIMEOUT_S
+
+    api = load_compose()["services"]["api"]
+    check = api["healthcheck"]
+    assert check["test"][:2] == ["CMD", "python"]
+    port = _option(api["command"], "--port")
+    probe = check["test"][3]
+    assert f"http://127.0.0.1:{port}/readyz" in probe
+    # urllib's timeout outlasts the server's own checks (each within CHECK_TIMEOUT_S), and
+    # Docker's outlasts urllib's (and Python's start).
+    timeout = float(re.search(r"timeout=(\d+(?:\.\d+)?)", probe).group(1))
+    assert CHECK_TIMEOUT_S < timeout < seconds(check["timeout"])
+    with contextlib.suppress(Exception):
+        boto3.client("s3").create_bucket(Bucket="clipmask")  # what minio-init makes
+
+    def healthcheck(at: int) -> subprocess.CompletedProcess:
+        return subprocess.run(check["test"][1:3] + [probe.replace(f":{port}/", f":{at}/")], capture_output=True,
+                              text=True, env={"PATH": f"{VENV_BIN}:/usr/bin:/bin"}, timeout=60)
+
+    # As the stack would start it, with a token: ready once Redis and storage answer
+    ready_port = _free_port()
+    env = _api_env({"CLIPMASK_API_TOKENS": "t0ken"}, redis_url, s3_env, ready_port)
+    serve = _Serve(api["command"], ready_port, env, tmp_path / "ready.log")
+    try:
+        deadline = time.monotonic() + 30
+        while (result := healthcheck(ready_port)).returncode != 0:
+            assert time.monotonic() < deadline, result.stderr + serve.log.read_text()
+            time.sleep(0.5)
+    finally:
+        serve.stop()
+    # Its Redis away: alive, but not ready (503)
+    away_port = _free_port()
+    away = {**env, **{key: env[key].replace(redis_url.split("//", 1)[1].split("/", 1)[0],
+                                             f"127.0.0.1:{_free_port()}")
+                      for key in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")}}
+    serve = _Serve(api["command"], away_port, away, tmp_path / "away.log")
+    try:
+        result = healthcheck(away_port)
+        assert result.returncode != 0 and "503" in result.stderr, result.stderr
+    finally:
+        serve.stop()
+    # Not running at all
+    assert healthcheck(_free_port()).returncode != 0
+    # And as the file ships, without a token: serve refuses to start, saying what to set
+    refused = subprocess.run(api["command"], env=_api_env({}, redis_url, s3_env, ready_port),
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "CLIPMASK_API_TOKENS" in refused.stderr, refused.stderr
 
 
 def test_env_example_names_only_variables_the_compose_file_uses():
