@@ -75,6 +75,7 @@ sys.path[:0] = [str(REPO), str(BENCH_DIR)]
 
 from s3_lite import LiteServer
 
+from tests.processes import stop_group
 from tests.services import RedisServer, free_port, s3_test_env
 
 CLIPMASK = str(REPO / ".venv" / "bin" / "clipmask")
@@ -594,16 +595,7 @@ def main() -> None:
                                   env=env, cwd=REPO, stdout=worker_log, stderr=subprocess.STDOUT,
                                   start_new_session=True)
 
-        def stop_worker() -> None:
-            if worker.poll() is None:
-                os.killpg(worker.pid, signal.SIGTERM)
-                try:
-                    worker.wait(60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(worker.pid, signal.SIGKILL)
-                    worker.wait(30)
-
-        stack.callback(stop_worker)
+        stack.callback(stop_group, worker, 60)
         serve = Serve(env, work / "serve.log")
         stack.callback(serve.stop)
         wait_ready(serve.port, serve.process, serve.log_path)

@@ -24,6 +24,19 @@ def clipmask(*args: str, env: dict, timeout: float = 300) -> subprocess.Complete
     return subprocess.run([*CLIPMASK, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
+def stop_group(process: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM ``process``'s group (started with ``start_new_session``) and wait; SIGKILL it if
+    it has not ended within ``grace`` seconds."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(30)
+
+
 class Worker:
     """``clipmask worker`` in its own process group, logging to a file."""
 

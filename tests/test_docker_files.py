@@ -16,7 +16,6 @@ import importlib.util
 import os
 import re
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -26,6 +25,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from tests.processes import stop_group
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read docker/compose.yaml")
 
@@ -643,11 +644,6 @@ def test_worker_healthcheck_pings_this_replicas_celery_node(redis_url, tmp_path)
                                capture_output=True, text=True, timeout=60)
         assert other.returncode != 0, other.stdout
     finally:
-        os.killpg(node.pid, signal.SIGTERM)
-        try:
-            node.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(node.pid, signal.SIGKILL)
-            node.wait(30)
+        stop_group(node)
         log.close()
 

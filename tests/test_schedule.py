@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import pytest
 
 from tests.images import png
 from tests.metrics import scrape, total
-from tests.processes import REPO, Worker, wait_for
+from tests.processes import REPO, Worker, stop_group, wait_for
 from tests.services import free_port
 
 CELERY = str(Path(sys.executable).with_name("celery"))
@@ -55,13 +54,7 @@ class Beat:
         return self.log()
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(30)
+        stop_group(self.process)
 
 
 @pytest.fixture
