@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -46,20 +47,35 @@ def read_tokens(raw: str | None) -> tuple[str, ...]:
             raise UsageError(f"CLIPMASK_API_TOKENS names {path}, which cannot be read ({err})") from None
         tokens = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
     else:
-        tokens = [token.strip() for token in raw.split(",") if token.strip()]
+        tokens = comma_list(raw)
     return tuple(tokens)
+
+
+def comma_list(raw: str | None) -> list[str]:
+    """The items of a comma-separated setting, stripped, blanks dropped."""
+    return [part.strip() for part in (raw or "").split(",") if part.strip()]
+
+
+def canonical_list(name: str, raw: str | None, canonical: Callable[[str], str]) -> tuple[str, ...]:
+    """``canonical`` of each item of the setting ``name``; a ``UsageError`` naming it for one
+    that is malformed."""
+    try:
+        return tuple(canonical(item) for item in comma_list(raw))
+    except ValueError as err:
+        raise UsageError(f"{name}: {err}") from None
 
 
 @dataclass(frozen=True)
 class Tokens:
-    """The accepted bearer tokens; none and ``open`` is ``--no-auth``."""
+    """The accepted bearer tokens, kept as their digests (``_digest``); none and ``open`` is
+    ``--no-auth``."""
 
     tokens: tuple[bytes, ...]
     open: bool = False
 
     @classmethod
     def from_env(cls, no_auth: bool = False) -> Tokens:
-        return cls(tuple(token.encode() for token in read_tokens(settings.API_TOKENS.get())), no_auth)
+        return cls(tuple(_digest(token.encode()) for token in read_tokens(settings.API_TOKENS.get())), no_auth)
 
     def check(self, authorization: str | None) -> None:
         """Raise a ``401`` unless ``authorization`` is ``Bearer <one of the tokens>``: every token
@@ -73,7 +89,7 @@ class Tokens:
                           headers={"WWW-Authenticate": 'Bearer realm="clipmask"'})
         candidate, match = _digest(given.strip().encode()), False
         for token in self.tokens:
-            match |= hmac.compare_digest(candidate, _digest(token))
+            match |= hmac.compare_digest(candidate, token)
         if not match:
             raise Problem(401, "unauthorized", "the bearer token is not one of CLIPMASK_API_TOKENS",
                           headers={"WWW-Authenticate": 'Bearer realm="clipmask", error="invalid_token"'})
@@ -112,38 +128,24 @@ class Allowed:
 
     @classmethod
     def from_env(cls) -> Allowed:
-        raw = settings.API_ALLOWED.get() or ""
-        prefixes = []
-        for item in (part.strip() for part in raw.split(",")):
-            if item:
-                try:
-                    prefixes.append(canonical_prefix(item))
-                except ValueError as err:
-                    raise UsageError(f"CLIPMASK_API_ALLOWED: {err}") from None
-        return cls(tuple(prefixes))
+        return cls(canonical_list("CLIPMASK_API_ALLOWED", settings.API_ALLOWED.get(), canonical_prefix))
 
     def prefix(self, field: str, url: str) -> str:
         """A ``source`` or ``dest`` prefix the request may use, canonical; else a ``403`` naming
         the prefixes allowed (``422`` for a malformed URL)."""
-        try:
-            canonical = canonical_prefix(url)
-        except (TypeError, ValueError) as err:
-            raise invalid_field(field, str(err)) from None
-        self._check(field, url, canonical)
-        return canonical
+        return self._allowed(field, url, canonical_prefix)
 
     def object(self, field: str, url: str) -> str:
         """One object's URL the request may read; canonical, or a ``403`` / ``422``."""
+        return self._allowed(field, url, canonical_object)
+
+    def _allowed(self, field: str, url: str, canonical_of: Callable[[str], str]) -> str:
         try:
-            canonical = canonical_object(url)
+            canonical = canonical_of(url)
         except (TypeError, ValueError) as err:
             raise invalid_field(field, str(err)) from None
-        self._check(field, url, canonical)
-        return canonical
-
-    def _check(self, field: str, url: str, canonical: str) -> None:
         if any(canonical.startswith(prefix) for prefix in self.prefixes):
-            return
+            return canonical
         listed = ", ".join(self.prefixes) if self.prefixes else "none"
         local = "" if canonical.startswith("s3://") else "; a local path is only allowed under a folder listed there"
         raise Problem(403, "location-not-allowed",
@@ -176,11 +178,8 @@ class Callbacks:
 
     @classmethod
     def from_env(cls) -> Callbacks:
-        raw = settings.API_CALLBACKS.get() or ""
-        try:
-            prefixes = tuple(canonical_http(part)[1] for part in raw.split(",") if part.strip())
-        except ValueError as err:
-            raise UsageError(f"CLIPMASK_API_CALLBACKS: {err}") from None
+        prefixes = canonical_list("CLIPMASK_API_CALLBACKS", settings.API_CALLBACKS.get(),
+                                  lambda url: canonical_http(url)[1])
         if prefixes:
             from tasks.webhooks import secret_key
 
