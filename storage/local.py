@@ -262,9 +262,6 @@ class _LocalListed(Listed):
         self.etag = None
         return getattr(self, name)
 
-    def __reduce__(self):
-        return Listed, (str(self), self.size, self.modified, self.etag)
-
 
 class _NameFilter:
     """Whether a sort name in a directory is listed, given the prefix ``tail`` and ``after``."""

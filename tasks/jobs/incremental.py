@@ -19,7 +19,8 @@ import heapq
 from collections.abc import Iterable, Iterator
 
 from storage import Listed, ObjectStore
-from storage.layout import METADATA_SUFFIX, is_image_key, is_output_key
+from storage.layout import METADATA_SUFFIX, is_image_key
+from tasks.jobs.listing import only_images
 
 
 def record_order(keys: Iterable[str], suffix: str = METADATA_SUFFIX) -> Iterator[str]:
@@ -62,9 +63,8 @@ class Scan:
 
     def keys(self) -> Iterator[Listed]:
         bound = self.after + METADATA_SUFFIX if self.after else ""
-        images = (key for key in self.source.list_entries(start_after=resume_point(self.after) if self.after else None)
-                  if is_image_key(key) and not is_output_key(key))
-        ordered = record_order(images)
+        start = resume_point(self.after) if self.after else None
+        ordered = record_order(only_images(self.source.list_entries(start_after=start)))
         if bound:
             ordered = (key for key in ordered if key + METADATA_SUFFIX > bound)
         # Every record after ``bound`` sorts after ``after`` itself: list the destination from there.

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 from itertools import islice
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, TypeVar
 
 from storage import ObjectStore
 from storage.layout import IMAGE_EXTENSIONS, is_image_key, is_output_key
 from tasks.errors import NoImagesError
 
+K = TypeVar("K", bound=str)
+
 
 def image_keys(source: ObjectStore, start_after: str | None = None) -> Iterator[str]:
     """Keys under ``source`` with an image extension, excluding clipmask's own outputs."""
-    keys = source.list(start_after=start_after) if start_after else source.list()
+    return only_images(source.list(start_after=start_after) if start_after else source.list())
+
+
+def only_images(keys: Iterable[K]) -> Iterator[K]:
+    """Those of ``keys`` (plain, or ``Listed``) with an image extension, not clipmask's outputs."""
     return (key for key in keys if is_image_key(key) and not is_output_key(key))
 
 
