@@ -269,11 +269,19 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             _shutdown_quietly(self.connection)
             return
         proxy.enter(self.path, self.command)
+        self._served = False
         try:
             if proxy.delay_s:
                 time.sleep(proxy.delay_s)
             self._answer(proxy, body)
         finally:
+            self._leave(proxy)
+
+    def _leave(self, proxy: "FaultyProxy") -> None:
+        """The request is no longer in flight: called once, before its answer is sent, so that a
+        request the client sends once it has the answer can never seem to overlap it."""
+        if not self._served:
+            self._served = True
             proxy.leave(self.path)
 
     def _answer(self, proxy: "FaultyProxy", body: bytes) -> None:
@@ -314,6 +322,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         A HEAD, 204 or 304 response keeps the upstream's Content-Length and has no body.
         """
         bodyless = self.command == "HEAD" or status in (204, 304)
+        self._leave(self.server.proxy)
         self.send_response_only(status)
         for name, value in headers:
             if name.lower() not in _HOP_BY_HOP or (bodyless and name.lower() == "content-length"):
