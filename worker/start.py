@@ -50,7 +50,7 @@ def start_workers(args: argparse.Namespace, extra: list[str],
 def serve_device(device: str, tasks: int, loglevel: str, extra: list[str]) -> int:
     """This process as one Celery worker on ``device``: the model loaded first, then ``tasks``
     threads of Celery's threads pool taking tasks from the queue."""
-    from worker import lifecycle
+    from worker import heap, lifecycle
     from worker.celery_app import app
     from worker.errors import ClipmaskError
 
@@ -61,6 +61,7 @@ def serve_device(device: str, tasks: int, loglevel: str, extra: list[str]) -> in
         lifecycle.setup(device)
     except ClipmaskError as err:  # tasks retry the load, and report it if it keeps failing
         log.error("could not load the mask engine: %s", err)
+    heap.for_pipelines()  # the model stays for life; its tasks will have hundreds of images in flight
     app.worker_main(["worker", "--pool", "threads", "--concurrency", str(tasks),
                      "--queues", app.conf.task_default_queue, "--loglevel", loglevel, *extra])
     return 0

@@ -3,7 +3,6 @@ problem details, and the OpenAPI schema (``/openapi.json``, ``/docs``)."""
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 from contextlib import asynccontextmanager
@@ -16,6 +15,7 @@ from tasks.api.context import Context
 from tasks.api.metrics import ApiMetrics, Measured
 from tasks.api.offload import app_backend, never_join_results
 from tasks.api.uploads import BodyLimit
+from worker import heap
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +46,13 @@ def settle(app: FastAPI, ctx: Context) -> None:
     """Make what the first requests would otherwise make (the schema, the result backend, the
     broker's, Redis' and the uploads store's clients, botocore's service models among them,
     through one readiness check, whatever it answers), then move every object made so far out
-    of the garbage collector's sight (``gc.freeze``): they live as long as the process, and a
+    of the garbage collector's sight (``worker.heap.settle``): they live as long as the process, and a
     full collection that walked them all held every request in flight for 67 to 80 ms under
     load, where it now takes about 5 (``bench/bench_api.py``, docs/performance.md)."""
     app.openapi()
     app_backend()
     health.run_checks(ctx)
-    gc.collect()
-    gc.freeze()
+    heap.settle()
 
 
 def create_app(ctx: Context) -> FastAPI:

@@ -28,9 +28,11 @@ def run(args: argparse.Namespace, _extra: list[str]) -> int:
     validate_device(args.device)
     source, dest, total = check_run(args.source, args.out)
     from tasks.pipeline.local import run_local
+    from worker import heap
     from worker.engine import MaskEngine
 
     engine = MaskEngine.load(args.model, args.device, args.precision, args.batch_size)
+    heap.for_pipelines()  # the model stays for life; hundreds of images will be in flight
     summary = run_local(source, dest, spec, engine, total=total, skip_existing=args.skip_existing,
                         progress=not args.quiet)
     up_to_date = f", {summary['up_to_date']} up to date" if args.skip_existing else ""
