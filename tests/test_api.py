@@ -343,6 +343,34 @@ def test_bodies_over_the_limit_are_413(server, bucket):
     problem(chunked, 413)
 
 
+def test_an_rle_only_request_answers_the_mask_in_its_record_and_writes_no_png(server, worker, bucket):
+    from pycocotools import mask as coco_mask
+
+    # When an image is masked with outputs "rle" alone
+    asked = server.post("/v1/masks?wait=60", json={"source": f"s3://{bucket}/in/photos/cat.jpg",
+                                                   "dest": f"s3://{bucket}/out/rle/", "prompt": "a cat",
+                                                   "outputs": ["rle"]})
+    assert asked.status_code == 200, asked.text
+    result = asked.json()
+    # Then the result's record holds the mask as COCO RLE, at the image's size, and lists no PNG
+    assert result["status"] == "succeeded" and set(result["outputs"]) == {"metadata"} and result["files"] == {}
+    meta = result["metadata"]
+    assert coco_mask.decode(meta["rle"]).shape == (meta["height"], meta["width"]) == (64, 96)
+    assert keys_under(bucket, "out/rle/") == ["out/rle/cat.jpg.json"]
+    assert "not asked for" in problem(server.get(f"/v1/masks/{result['id']}/mask.png"), 404)["detail"]
+
+
+def test_outputs_other_than_mask_raw_and_rle_are_422_naming_the_item(server, bucket):
+    dest = f"s3://{bucket}/out/"
+    for path, source, outputs in (("/v1/masks", "in/photos/cat.jpg", ["rle", "foo"]), ("/v1/jobs", "in/", "rle,foo")):
+        body = {"source": f"s3://{bucket}/{source}", "dest": dest, "prompt": "cat", "outputs": outputs}
+        bad = problem(server.post(path, json=body), 422)
+        assert [error["field"] for error in bad["errors"]] == ["outputs.1"], bad  # the field, and which item
+        assert "'mask', 'raw' or 'rle'" in bad["errors"][0]["message"], bad
+    form = problem(upload(server, CAT, dest=dest, prompt="cat", outputs="mask,foo"), 422)
+    assert [error["field"] for error in form["errors"]] == ["outputs.1"], form
+
+
 def test_what_is_not_an_image_or_too_large_or_badly_asked_is_422_before_anything_is_queued(server, bucket):
     before = keys_under(bucket, "uploads/")
     dest = f"s3://{bucket}/out/"

@@ -153,4 +153,4 @@ def test_outputs_mask_writes_only_the_thresholded_mask(image_dir, tmp_path, run_
     meta = json.loads((out / "photos/cat.jpg.json").read_text())
     assert set(meta["outputs"]) == {"mask", "metadata"} and meta["model"]["precision"] == "fp32"
     bad = clipmask("run", str(image_dir), "--out", str(out), "--prompt", "dog", "--outputs", "mask,png", env=run_env)
-    assert bad.returncode == 2 and "--outputs must be mask, raw or mask,raw" in bad.stderr
+    assert bad.returncode == 2 and "--outputs must be one or more of mask, raw, rle" in bad.stderr

@@ -107,6 +107,35 @@ def test_valid_options_are_accepted(options):
         assert getattr(spec, key) == value
 
 
+# --- outputs ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("given, outputs", [
+    ("rle", ("rle",)), ("mask,rle", ("mask", "rle")), (" mask , raw,rle ", ("mask", "raw", "rle")),
+    (["raw", "rle"], ("raw", "rle")), (("mask",), ("mask",)),
+])
+def test_outputs_take_rle_alone_or_beside_the_images_as_text_or_a_list(given, outputs):
+    assert MaskSpec.from_text("cat", outputs=given).outputs == outputs
+
+
+def test_outputs_default_to_both_images_without_rle():
+    assert MaskSpec.from_text("cat").outputs == ("mask", "raw")
+
+
+@pytest.mark.parametrize("given", ["rle,foo", "png", "", [], ["mask", 3]])
+def test_bad_outputs_raise_naming_the_option_and_what_it_takes(given):
+    with pytest.raises(InvalidSpecError) as info:
+        MaskSpec.from_text("cat", outputs=given)
+    assert "--outputs must be one or more of mask, raw, rle, comma-separated" in str(info.value)
+
+
+def test_rle_travels_through_json_with_the_spec():
+    spec = MaskSpec.from_text("cat", outputs="mask,rle")
+    assert MaskSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    with pytest.raises(InvalidSpecError, match="--outputs must be"):
+        MaskSpec.from_dict({**spec.to_dict(), "outputs": ["rle", "foo"]})
+
+
 # --- JSON transport -----------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""One image's output files: the two PNGs and the metadata record (docs/design.md, "Outputs")."""
+"""One image's outputs: the two PNGs, the mask's RLE and the metadata record (docs/design.md, "Outputs")."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from functools import cache
 from importlib import metadata as package_metadata
 
+from worker import rle
 from worker.codecs import encode_png
 from worker.engine import MaskResult, output_roles
 from worker.spec import MaskSpec
@@ -41,13 +42,21 @@ def encode_masks(result: MaskResult, spec: MaskSpec) -> dict[str, bytes]:
     return blobs
 
 
+def encode_rle(result: MaskResult, spec: MaskSpec) -> dict | None:
+    """The thresholded mask as COCO RLE (``worker.rle``) when the spec asks for ``rle``: the very
+    pixels ``mask.png`` holds, at the image's full size; else None."""
+    return rle.encode(result.binary_pixels()) if "rle" in spec.outputs else None
+
+
 def metadata_record(*, source: str, size: tuple[int, int], spec: MaskSpec, model: dict,
                     result: MaskResult, outputs: dict[str, str], timings_ms: dict,
-                    worker: dict, source_size: int | None = None, source_etag: str | None = None) -> dict:
-    """The ``R.json`` record; ``outputs`` maps role to the full URL of each output;
-    ``source_size`` and ``source_etag`` say which version of the source was masked."""
+                    worker: dict, source_size: int | None = None, source_etag: str | None = None,
+                    mask_rle: dict | None = None) -> dict:
+    """The ``R.json`` record; ``outputs`` maps role to the full URL of each file written;
+    ``source_size`` and ``source_etag`` say which version of the source was masked; ``mask_rle``
+    (``encode_rle``) is its ``rle`` field, absent when not asked for."""
     width, height = size
-    return {
+    record = {
         "source": source,
         "source_size": source_size,
         "source_etag": source_etag,
@@ -68,6 +77,9 @@ def metadata_record(*, source: str, size: tuple[int, int], spec: MaskSpec, model
         "created_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         "version": clipmask_version(),
     }
+    if mask_rle is not None:
+        record["rle"] = mask_rle
+    return record
 
 
 def encode_metadata(record: dict) -> bytes:

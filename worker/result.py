@@ -11,12 +11,13 @@ from typing import Callable
 
 import numpy as np
 
-from worker.spec import OUTPUTS, MaskSpec
+from worker.spec import IMAGE_OUTPUTS, MaskSpec
 
 
 def output_roles(spec: MaskSpec) -> tuple[str, ...]:
-    """The image outputs ``spec`` asks for (``MaskSpec.outputs``), in ``OUTPUTS`` order."""
-    return tuple(role for role in OUTPUTS if role in spec.outputs)
+    """The image files ``spec`` asks for (``MaskSpec.outputs``), in ``IMAGE_OUTPUTS`` order; ``rle``
+    is no file, but a field of the record."""
+    return tuple(role for role in IMAGE_OUTPUTS if role in spec.outputs)
 
 
 class MaskResult:

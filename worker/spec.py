@@ -16,8 +16,11 @@ PROFILES = ("default", "masquerade")
 #: Largest image side the ``masquerade`` profile accepts by default, in pixels. Its backbone runs
 #: at max(W, H) squared, so attention memory grows with the fourth power of the side.
 DEFAULT_MAX_SIDE = settings.MAX_SIDE.default
-#: The image outputs, by role: the thresholded mask and the raw mask.
-OUTPUTS = ("mask", "raw")
+#: The image files, by role: the thresholded mask and the raw mask.
+IMAGE_OUTPUTS = ("mask", "raw")
+#: Every output a spec may ask for: the image files, and ``rle``, the thresholded mask run-length
+#: encoded (COCO) in the metadata record, which writes no file of its own.
+OUTPUTS = IMAGE_OUTPUTS + ("rle",)
 
 
 def split_prompts(text: str | None) -> tuple[str, ...]:
@@ -25,6 +28,14 @@ def split_prompts(text: str | None) -> tuple[str, ...]:
     if not text:
         return ()
     return tuple(p.strip() for p in text.split(PROMPT_DELIMITER) if p.strip())
+
+
+def split_outputs(value: str | list | tuple) -> tuple:
+    """``mask, rle`` (as the CLI, a form field or a scheduled entry gives it) or a list of roles,
+    as the tuple ``MaskSpec.outputs`` takes; anything else is left for the spec to refuse."""
+    if isinstance(value, str):
+        return tuple(p.strip() for p in value.split(",") if p.strip())
+    return tuple(value) if isinstance(value, list) else value
 
 
 @dataclass(frozen=True)
@@ -41,11 +52,14 @@ class MaskSpec:
     invert: bool = False
     raw_bits: int = 8  # bit depth of the raw mask PNG: 8 or 16
     max_side: int = DEFAULT_MAX_SIDE  # masquerade only: longest image side accepted, in pixels
-    outputs: tuple[str, ...] = OUTPUTS  # the image files to write: "mask" and/or "raw"
+    outputs: tuple[str, ...] = IMAGE_OUTPUTS  # any of OUTPUTS: "mask", "raw" (files), "rle" (in the record)
 
     @classmethod
     def from_text(cls, prompt: str, negative: str | None = None, **options) -> "MaskSpec":
-        """Build a spec from the ``a|b`` prompt strings users type."""
+        """Build a spec from the ``a|b`` prompt strings users type (``outputs`` as ``split_outputs``
+        takes it)."""
+        if "outputs" in options:
+            options["outputs"] = split_outputs(options["outputs"])
         return cls(prompts=split_prompts(prompt), negative_prompts=split_prompts(negative), **options)
 
     @classmethod
@@ -76,7 +90,8 @@ class MaskSpec:
         _check(isinstance(self.grow, int), f"--grow must be a whole number of pixels, got {self.grow!r}")
         _check(self.raw_bits in (8, 16), f"--raw-bits must be 8 or 16, got {self.raw_bits}")
         _check(isinstance(self.outputs, tuple) and bool(self.outputs) and set(self.outputs) <= set(OUTPUTS),
-               f"--outputs must be mask, raw or mask,raw, got {','.join(map(str, self.outputs))!r}")
+               f"--outputs must be one or more of {', '.join(OUTPUTS)}, comma-separated (e.g. mask,raw or "
+               f"mask,rle), got {','.join(map(str, self.outputs))!r}")
         _check(self.max_side > 0, f"--max-side must be a positive number of pixels, got {self.max_side}")
 
     @property

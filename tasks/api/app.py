@@ -27,7 +27,8 @@ Every `/v1` call needs `Authorization: Bearer <token>` (one of `CLIPMASK_API_TOK
 
 - `POST /v1/masks` masks one image (a URL, or an upload) and answers `202` with its id;
   `GET /v1/masks/{id}` is `202` until it has an outcome, then `200` with the result;
-  `/v1/masks/{id}/mask.png` and `/raw.png` are its outputs.
+  `/v1/masks/{id}/mask.png` and `/raw.png` are its outputs; with `outputs: ["rle"]` there are no
+  PNGs, and the result's `metadata.rle` is the thresholded mask as COCO RLE.
 - `POST /v1/jobs` submits a dataset job; `GET /v1/jobs/{id}` is `clipmask status --json`;
   `/cancel`, `/resume`, and `/manifest` once it has finished.
 """

@@ -127,7 +127,7 @@ async def get_output(request: Request, role: str = Path(pattern="^(mask|raw)$", 
                      mask_id: str = MaskId) -> Response:
     """The thresholded mask (`mask.png`, 0/255) or the raw mask (`raw.png`): a backend needs no
     storage credentials. `409` while the request has no outcome, `404` when it failed or wrote
-    no such output."""
+    no such output (`outputs: ["rle"]` writes no PNG: the mask is the result's `metadata.rle`)."""
     ctx = context(request)
     state = await _within(mask_id, await _record(ctx, mask_id), 0)
     if state.state != "finished":

@@ -15,7 +15,7 @@ from tasks.api.problems import invalid, invalid_field
 from tasks.settings import DEFAULT_CHUNK_SIZE
 from worker import settings as worker_settings
 from worker.errors import InvalidSpecError
-from worker.spec import OUTPUTS, MaskSpec
+from worker.spec import IMAGE_OUTPUTS, MaskSpec, split_outputs
 
 
 class MaskOptions(BaseModel):
@@ -35,8 +35,10 @@ class MaskOptions(BaseModel):
     grow: int = Field(0, description="grow (or, negative, shrink) the thresholded mask by N pixels")
     invert: bool = Field(False, description="invert both masks")
     raw_bits: Literal[8, 16] = Field(8, description="bit depth of the raw mask PNG")
-    outputs: list[Literal["mask", "raw"]] = Field(list(OUTPUTS), min_length=1,
-                                                  description="the image files to write")
+    outputs: list[Literal["mask", "raw", "rle"]] = Field(
+        list(IMAGE_OUTPUTS), min_length=1, description="what to write: `mask` and `raw` are PNGs; `rle` is the "
+        "thresholded mask as COCO RLE in the metadata record (`rle`: `{\"size\": [h, w], \"counts\"}`), no file "
+        "of its own", examples=[["mask", "raw"], ["rle"]])
     callback_url: str | None = Field(None, description="POSTed the result when it is ready, signed as Standard "
                                      "Webhooks specifies; must start with one of CLIPMASK_API_CALLBACKS")
 
@@ -47,8 +49,8 @@ class MaskOptions(BaseModel):
 
     @field_validator("outputs", mode="before")
     @classmethod
-    def _outputs_from_text(cls, value: Any) -> Any:  # "mask,raw", as the CLI and a form take it
-        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+    def _outputs_from_text(cls, value: Any) -> Any:  # "mask,rle", as the CLI and a form take it
+        return list(split_outputs(value)) if isinstance(value, str) else value
 
     def spec(self) -> MaskSpec:
         """The ``MaskSpec``; a ``422`` naming the field for what only the spec can tell (a prompt
@@ -81,7 +83,8 @@ class MaskRequest(MaskOptions):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"source": "s3://uploads/u/42.jpg", "dest": "s3://masks/u/", "prompt": "person|dog",
-         "negative": "background", "threshold": 0.4}]})
+         "negative": "background", "threshold": 0.4},
+        {"source": "s3://uploads/u/43.jpg", "dest": "s3://masks/u/", "prompt": "person", "outputs": ["rle"]}]})
 
     source: str = Field(description="URL of one image: s3://bucket/key, or a path under an allowed folder")
     dest: str = Field(description="URL prefix for the outputs: s3://bucket/prefix/ or an allowed folder")
@@ -119,7 +122,8 @@ class Accepted(BaseModel):
 
 class MaskResult(BaseModel):
     """A mask request that has ended: its manifest row and its metadata record. ``status`` is
-    ``succeeded`` or ``failed`` (then ``error`` says why); ``files`` are the outputs to download."""
+    ``succeeded`` or ``failed`` (then ``error`` says why); ``files`` are the outputs to download
+    (none with ``outputs: ["rle"]``: the mask is then ``metadata.rle``, COCO RLE)."""
 
     model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [{
         "id": "9b1c0e4d2f5a4e7a8c3b6d1e0f2a4b5c", "state": "finished", "status": "succeeded",
@@ -127,7 +131,11 @@ class MaskResult(BaseModel):
         "outputs": {"mask": "s3://masks/u/42.jpg.mask.png", "raw": "s3://masks/u/42.jpg.raw.png"},
         "files": {"mask": "/v1/masks/9b1c0e4d2f5a4e7a8c3b6d1e0f2a4b5c/mask.png",
                   "raw": "/v1/masks/9b1c0e4d2f5a4e7a8c3b6d1e0f2a4b5c/raw.png"},
-        "metadata": {"width": 640, "height": 480, "prompts": ["person", "dog"], "coverage": 0.21}}]})
+        "metadata": {"width": 640, "height": 480, "prompts": ["person", "dog"], "coverage": 0.21}}, {
+        "id": "5d2e8a0c9b3f4e1d8a7c6b5e4d3c2b1a", "state": "finished", "status": "succeeded",
+        "source": "s3://uploads/u/43.jpg", "outputs": {"metadata": "s3://masks/u/43.jpg.json"}, "files": {},
+        "metadata": {"width": 640, "height": 480, "prompts": ["person"], "coverage": 0.18,
+                     "rle": {"size": [480, 640], "counts": "PSe35Z>2N2N1O1N2O0O2M3N1..."}}}]})
 
     id: str
     state: Literal["finished"]

@@ -11,7 +11,7 @@ import argparse
 
 from tasks.settings import DEFAULT_CHUNK_SIZE
 from worker import settings
-from worker.spec import PROFILES, MaskSpec
+from worker.spec import IMAGE_OUTPUTS, PROFILES, MaskSpec, split_outputs
 
 EXIT_CODES = """exit codes:
   0  success
@@ -59,10 +59,10 @@ def _mask_options() -> argparse.ArgumentParser:
     group.add_argument("--grow", type=int, default=0, help="grow (or, negative, shrink) the mask by N pixels")
     group.add_argument("--invert", action="store_true", help="invert both masks")
     group.add_argument("--raw-bits", type=int, choices=(8, 16), default=8, help="bit depth of the raw mask PNG")
-    group.add_argument("--outputs", type=lambda text: tuple(p.strip() for p in text.split(",") if p.strip()),
-                       default=("mask", "raw"), metavar="mask[,raw]",
-                       help="image files to write: mask (0/255) and/or raw (default mask,raw); mask alone "
-                            "halves the encoding work")
+    group.add_argument("--outputs", type=split_outputs, default=IMAGE_OUTPUTS, metavar="mask[,raw][,rle]",
+                       help="what to write, comma-separated: mask (0/255 PNG), raw (PNG), rle (the thresholded "
+                            "mask as COCO RLE in the .json record, no file of its own) (default mask,raw); mask "
+                            "alone halves the encoding work, rle alone writes no PNG")
     group.add_argument("--skip-existing", action="store_true", help="mask only what is new or changed: an image whose "
                        "metadata record under DST is newer than it is left alone; one modified since its record "
                        "was written is masked again. Found from the listings of SRC and DST side by side, with "

@@ -44,7 +44,7 @@ from worker import metrics, settings
 from worker.batcher import DeviceLoop, device_loop
 from worker.engine import MaskEngine, MaskResult, output_roles
 from worker.gpu_decode import Prepared
-from worker.outputs import encode_masks, encode_metadata, metadata_record, worker_identity
+from worker.outputs import encode_masks, encode_metadata, encode_rle, metadata_record, worker_identity
 from worker.spec import MaskSpec
 
 log = logging.getLogger(__name__)
@@ -355,8 +355,8 @@ class Pipeline:
         if self._abandoned:  # past the deadline: its outcome was given already
             raise _Abandoned(item.key)
         started = time.perf_counter()
-        blobs = encode_masks(result, self.spec)
-        return _Written(item.key, result, blobs, {"encode": (time.perf_counter() - started) * 1e3})
+        blobs, mask_rle = encode_masks(result, self.spec), encode_rle(result, self.spec)
+        return _Written(item.key, result, blobs, {"encode": (time.perf_counter() - started) * 1e3}, mask_rle)
 
     def _write_masks(self, step: _Written) -> Future:
         """Both PNGs written at the same time (one round trip, not two); a future of ``step``."""
@@ -388,7 +388,7 @@ class Pipeline:
         record = metadata_record(
             source=self.source.url_for(item.key), size=item.size, spec=self.spec,
             model=self.engine.model_info, result=result, outputs=urls, timings_ms=timings, worker=worker,
-            source_size=item.source_size, source_etag=item.source_etag,
+            source_size=item.source_size, source_etag=item.source_etag, mask_rle=step.mask_rle,
         )
         self.dest.write_bytes(keys["metadata"], encode_metadata(record), "application/json")
         log.info("%smasked %s (coverage %.3f)", self._prefix(), item.key, result.coverage)
@@ -417,8 +417,9 @@ class _Written:
 
     item_key: str
     result: MaskResult
-    blobs: dict[str, bytes]
+    blobs: dict[str, bytes]  # PNG bytes by role: none with --outputs rle alone
     timings_ms: dict
+    mask_rle: dict | None = None  # the record's ``rle`` field, when asked for
     upload_started: float = 0.0
 
 

@@ -1,7 +1,8 @@
 """One card of the preview page: a sampled image's upright thumbnail and its mask tinted over it.
 
-Pillow, numpy, ``storage`` and ``worker.codecs`` only (no torch, no engine). One unreadable image,
-mask or metadata file becomes a card with its error; it never stops the page.
+Pillow, numpy, ``storage``, ``worker.codecs`` and ``worker.rle`` only (no torch, no engine). The
+mask is its PNG, or the record's RLE where the job wrote no PNG. One unreadable image, mask or
+metadata file becomes a card with its error; it never stops the page.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from storage import URLReader
 from storage.layout import METADATA_SUFFIX
+from worker import rle  # numpy and pycocotools: no torch
 from worker.codecs import to_rgb  # Pillow and numpy only: no torch
 from worker.model_source import describe_model  # no torch either
 
@@ -105,6 +107,17 @@ def _relative_name(source: str, outputs: dict, source_root: object, dest_root: s
     return posixpath.basename(source.rstrip("/")) or source
 
 
+def _mask_of(outputs: dict, meta: dict, reader: URLReader) -> Image.Image:
+    """The thresholded mask: its PNG, or, for a job that wrote none (``--outputs rle``), the
+    record's COCO RLE decoded (a ``KeyError`` for ``mask`` when it has neither)."""
+    if "mask" in outputs or not isinstance(meta.get("rle"), dict):
+        return _open_image(reader.read(outputs["mask"]), 0, "the mask")[0]
+    height, width = meta["rle"].get("size") or (0, 0)
+    if width * height > MAX_PIXELS:
+        raise ValueError(f"the mask is {width}x{height} pixels, over the preview limit of {MAX_PIXELS}")
+    return Image.fromarray(rle.decode(meta["rle"]) * np.uint8(255), "L")
+
+
 def draw_card(number: int, row: dict, reader: URLReader, out_dir: Path, summary: dict, dest_root: str,
                side: int = THUMB_SIDE) -> Card:
     """Read one sampled row's metadata, image and mask; write its thumbnail and overlay."""
@@ -121,7 +134,7 @@ def draw_card(number: int, row: dict, reader: URLReader, out_dir: Path, summary:
         stage = "image"
         image, full = thumbnail(reader.read(source or meta["source"]), side)
         stage = "mask"
-        mask, _ = _open_image(reader.read(outputs["mask"]), 0, "the mask")
+        mask = _mask_of(outputs, meta, reader)
         if mask.size != full:
             card.note = f"mask is {mask.size[0]}x{mask.size[1]}, image is {full[0]}x{full[1]}"
         drawn = overlay(image, mask)
