@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import io
 from collections.abc import Iterable, Iterator
+from typing import BinaryIO
 
 __all__ = [
     "Listed", "ObjectStore", "check_chunks", "check_data", "check_key", "check_prefix", "check_start_after",
@@ -146,6 +147,14 @@ class ObjectStore(abc.ABC):
         """The content of ``key`` and its ETag (None where the store has none), in one request;
         raises as ``read_bytes`` does."""
         return self.read_bytes(key), None
+
+    def read_stream(self, key: str) -> BinaryIO:
+        """A file-like object (``read``, ``close``, a context manager) over the content of ``key``,
+        from one request, for an object too large to hold (a WebDataset shard). Raises as
+        ``read_bytes`` does, at call time for a missing key; while reading, ConnectionError
+        (transient) or StorageError. Here from one ``read_bytes``, held whole; both backends stream
+        with flat memory (``S3Store``: one GET read as its body arrives; ``LocalStore``: the file)."""
+        return io.BytesIO(self.read_bytes(key))
 
     @abc.abstractmethod
     def url_for(self, key: str) -> str:

@@ -31,7 +31,7 @@ import os
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
-from typing import IO
+from typing import IO, BinaryIO
 
 from storage.base import (
     Listed,
@@ -87,6 +87,14 @@ class LocalStore(ObjectStore):
         try:
             with open(path, "rb") as f:
                 return f.read()
+        except NotADirectoryError as err:
+            raise FileNotFoundError(err.errno, "No such file (a parent is not a directory)", path) from err
+
+    def read_stream(self, key: str) -> BinaryIO:
+        """The file opened for reading (buffered, flat memory); raises as ``read_bytes`` does."""
+        path = self.url_for(key)
+        try:
+            return open(path, "rb")
         except NotADirectoryError as err:
             raise FileNotFoundError(err.errno, "No such file (a parent is not a directory)", path) from err
 

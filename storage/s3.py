@@ -19,6 +19,11 @@ Retries happen in layers, each failure in exactly one of them:
    ConnectionError means this budget is spent. They may retry a whole
    unit of work later.
 
+``read_stream`` reads one GET as its body arrives, in pieces of about ``STREAM_CHUNK_SIZE``
+(1 MiB): an object of any size in flat memory. A body cut off while it is read this way is read
+on by the client from where it was cut (a ranged GET, within the same ``max_attempts``); past
+them, the read raises ConnectionError.
+
 ``write_stream`` uploads in parts of ``part_size`` (PART_SIZE, 8 MiB) with a
 multipart upload, or one PUT for less than a part; S3 allows 10,000 parts,
 so with 8 MiB parts an object of up to about 78 GiB. If the response to the
@@ -30,10 +35,11 @@ error, and retrying its unit of work writes the same object again.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 import obstore
 from botocore import exceptions as boto_errors
@@ -44,13 +50,16 @@ from storage.errors import OBSTORE_ERRORS, translate_obstore_error, translate_s3
 from storage.listing import LIST_CONCURRENCY, Page, list_page, parallel_keys, sequential_keys
 from storage.s3_clients import shared_client, shared_data_store
 
-__all__ = ["MIN_PART_SIZE", "PART_SIZE", "S3Store"]
+__all__ = ["MIN_PART_SIZE", "PART_SIZE", "STREAM_CHUNK_SIZE", "S3Store"]
 
 #: Part size of write_stream's multipart uploads.
 PART_SIZE = 8 * 1024 * 1024
 #: S3's smallest part (all parts but the last) and largest.
 MIN_PART_SIZE = 5 * 1024 * 1024
 MAX_PART_SIZE = 5 * 1024 ** 3
+#: Bytes of a streamed GET's body gathered before ``read_stream`` hands them on (obstore's default,
+#: 10 MB, would hold ten times as much per open stream).
+STREAM_CHUNK_SIZE = 1024 * 1024
 
 # urllib3's own errors can escape botocore while a streamed body is read.
 _BOTO_ERRORS = (boto_errors.ClientError, boto_errors.BotoCoreError, urllib3_errors.HTTPError)
@@ -113,6 +122,19 @@ class S3Store(ObjectStore):
             return bytes(result.bytes()), result.meta.get("e_tag")
         except OBSTORE_ERRORS as err:
             raise translate_obstore_error(err, url) from err
+
+    def read_stream(self, key: str) -> BinaryIO:
+        """The object's content as a buffered file-like object, read from one GET as its body
+        arrives (about ``STREAM_CHUNK_SIZE`` held at a time). Raises as ``read_bytes`` at call time;
+        while reading, ConnectionError for a body cut off more often than the client retries
+        (see the module's doc), StorageError."""
+        url = self.url_for(key)
+        store = self._data(url)
+        try:
+            result = obstore.get(store, self._prefix + key)
+        except OBSTORE_ERRORS as err:
+            raise translate_obstore_error(err, url) from err
+        return io.BufferedReader(_Body(result.stream(min_chunk_size=STREAM_CHUNK_SIZE), url))
 
     def write_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
         """Create or replace the object, with ``content_type`` if given.
@@ -276,6 +298,41 @@ def _check_limits(max_attempts: int, part_size: int) -> None:
 def _content_type_args(content_type: str | None) -> dict[str, str]:
     """Return the ContentType argument of a PUT or multipart upload ({} for None)."""
     return {"ContentType": content_type} if content_type else {}
+
+
+class _Body(io.RawIOBase):
+    """A GET's body as a raw stream: obstore's chunks handed over as they arrive, its errors
+    translated (``url`` names the object in them)."""
+
+    def __init__(self, chunks: Iterator[Any], url: str) -> None:
+        super().__init__()
+        self._chunks, self._url = chunks, url
+        self._chunk, self._at = memoryview(b""), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        """Copy the next bytes into ``buffer``; 0 at the end of the body."""
+        if self._at >= len(self._chunk) and not self._next_chunk():
+            return 0
+        size = min(len(buffer), len(self._chunk) - self._at)
+        buffer[:size] = self._chunk[self._at:self._at + size]
+        self._at += size
+        return size
+
+    def _next_chunk(self) -> bool:
+        try:
+            self._chunk, self._at = memoryview(next(self._chunks)), 0
+        except StopIteration:
+            return False
+        except OBSTORE_ERRORS as err:
+            raise translate_obstore_error(err, self._url) from err
+        return True
+
+    def close(self) -> None:
+        self._chunks, self._chunk = iter(()), memoryview(b"")  # the connection goes with the stream
+        super().close()
 
 
 class _Upload:

@@ -13,7 +13,8 @@ from worker.errors import ClipmaskError
 
 __all__ = [
     "ClipmaskError", "DestinationError", "IncompleteJobError", "JobError", "JobNotFoundError", "NoImagesError",
-    "NothingNewError", "PlanningBusyError", "ServiceUnavailableError", "SourceError", "StorageProblem", "UsageError", "explain",
+    "NothingNewError", "PlanningBusyError", "ServiceUnavailableError",
+    "ShardFormatError", "SourceError", "StorageProblem", "UsageError", "explain",
 ]
 
 
@@ -55,6 +56,16 @@ class SourceError(JobError, FileNotFoundError):
 
 class DestinationError(JobError, PermissionError):
     """Raised when DST does not take a write (a probe under ``DST/_jobs/``)."""
+
+
+class ShardFormatError(JobError, ValueError):
+    """Raised when a WebDataset shard is not a whole tar: cut off, or a header that cannot be
+    read. ``offset`` is the byte where it went wrong; the message names it, so that the shard can
+    be written again from its source."""
+
+    def __init__(self, message: str, offset: int):
+        super().__init__(message)
+        self.offset = offset
 
 
 class PlanningBusyError(JobError, RuntimeError):

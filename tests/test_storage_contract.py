@@ -151,6 +151,37 @@ def test_lines_read_back_as_written(store):
         list(store.read_lines("m/missing.jsonl"))
 
 
+def test_stream_reads_back_as_written_in_pieces(store):
+    # Given an object of several of S3's stream chunks (3 MiB and a bit)
+    data = random.Random(1).randbytes(3 * 1024 * 1024 + 7)
+    store.write_bytes("shards/00000.tar", data)
+    # When it is read as a stream in small, odd pieces (as a tar reader does)
+    pieces = []
+    with store.read_stream("shards/00000.tar") as stream:
+        while piece := stream.read(10_001):
+            pieces.append(piece)
+    # Then the pieces are the object, in order, and none is larger than asked
+    assert b"".join(pieces) == data
+    assert max(map(len, pieces)) <= 10_001
+
+
+def test_stream_of_an_empty_object_ends_at_once(store):
+    store.write_bytes("empty.tar", b"")
+    with store.read_stream("empty.tar") as stream:
+        assert stream.read() == b""
+
+
+def test_stream_of_a_missing_key_raises_file_not_found_when_opened(store):
+    # Given no object, When a stream of it is opened, Then it fails at once, before any read
+    with pytest.raises(FileNotFoundError):
+        store.read_stream("shards/missing.tar")
+    store.write_bytes("file", b"x")
+    with pytest.raises(FileNotFoundError):
+        store.read_stream("file/below")
+    with pytest.raises(ValueError):
+        store.read_stream("../escape")
+
+
 def test_deleting_the_last_object_under_a_prefix_leaves_no_empty_folder(store, tmp_path):
     store.write_bytes("keep.txt", b"x")
     store.write_bytes("deep/er/probe", b"")

@@ -101,6 +101,35 @@ def test_get_cut_every_time_raises_transient_connection_error(s3_bucket, through
     assert proxy.drops == 3
 
 
+def test_stream_cut_now_and_then_reads_whole(s3_bucket, through):
+    # Given objects of 2 MB whose GET bodies are cut 30% of the time
+    for i in range(10):
+        open_store(f"s3://{s3_bucket}/faults/").write_bytes(f"k{i}", payload(i) * 40)
+    proxy = through(slowdown=0, drop=0.3, methods={"GET"}, seed=3)
+    store = open_store(f"s3://{s3_bucket}/faults/")
+    # When they are read as streams, Then the client reads each cut body on from where it was cut
+    # (a ranged GET) and every stream gives its object whole
+    for i in range(10):
+        with store.read_stream(f"k{i}") as stream:
+            assert stream.read() == payload(i) * 40
+    assert proxy.drops >= 1
+
+
+def test_stream_cut_every_time_raises_transient_connection_error_while_read(s3_bucket, through):
+    # Given an object whose every GET body is cut off halfway
+    open_store(f"s3://{s3_bucket}/faults/").write_bytes("shard.tar", payload(0))
+    proxy = through(slowdown=0, drop=1.0, methods={"GET"})
+    store = open_store(f"s3://{s3_bucket}/faults/", max_attempts=2)
+    # When it is read as a stream, Then the read that meets the last cut raises a ConnectionError
+    # (transient), the client's error as cause, after max_attempts GETs
+    stream = store.read_stream("shard.tar")
+    with pytest.raises(ConnectionError) as info:
+        while stream.read(4096):
+            pass
+    assert is_transient(info.value) and isinstance(info.value.__cause__, GenericError)
+    assert proxy.drops == 2
+
+
 def test_throttled_every_time_raises_after_the_clients_retries(s3_bucket, through):
     # Given S3 answering only 503 SlowDown
     proxy = through(slowdown=1.0, drop=0)

@@ -21,21 +21,59 @@ WATCH_INTERVAL_S = 2.0
 def run(args: argparse.Namespace, _extra: list[str]) -> int:
     """Options, SRC and DST are checked before torch is imported or a model loaded: a typo or an
     unwritable DST is reported in about a second."""
-    from tasks.jobs.preflight import check_run
+    from tasks.shards.names import find_shards
     from worker.options import validate_device
 
     spec = spec_from_args(args)
     validate_device(args.device)
+    shards = find_shards(args.source)
+    _check_output_format(args, shards is not None)
+    if shards is not None:
+        return _run_shards(args, spec, shards)
+    from tasks.jobs.preflight import check_run
+
     source, dest, total = check_run(args.source, args.out)
     from tasks.pipeline.local import run_local
+
+    summary = run_local(source, dest, spec, _load_engine(args), total=total, skip_existing=args.skip_existing,
+                        progress=not args.quiet)
+    return _report(summary, args.skip_existing)
+
+
+def _run_shards(args: argparse.Namespace, spec, shards) -> int:
+    from tasks.jobs.preflight import check_shard_run
+
+    dest = check_shard_run(shards, args.out)
+    from tasks.pipeline.local import run_local_shards
+
+    return _report(run_local_shards(shards, dest, spec, _load_engine(args), progress=not args.quiet), False)
+
+
+def _check_output_format(args: argparse.Namespace, sharded: bool) -> None:
+    """``--output-format`` and ``--skip-existing`` fit SRC: shards in, shards out."""
+    if sharded and args.output_format == "files":
+        raise UsageError(f"SRC {args.source} holds WebDataset shards, which are written as shards: leave out "
+                         "--output-format or pass --output-format webdataset")
+    if sharded and args.skip_existing:
+        raise UsageError(f"--skip-existing is for folders of images; SRC {args.source} holds WebDataset shards: "
+                         "leave it out (every shard is masked again)")
+    if not sharded and args.output_format == "webdataset":
+        raise UsageError(f"--output-format webdataset needs WebDataset shards in SRC (.tar files, or a brace "
+                         f"pattern such as s3://bucket/data/{{00000..00099}}.tar); {args.source} holds images: "
+                         "leave out --output-format")
+
+
+def _load_engine(args: argparse.Namespace):
     from worker import heap
     from worker.engine import MaskEngine
 
     engine = MaskEngine.load(args.model, args.device, args.precision, args.batch_size)
     heap.for_pipelines()  # the model stays for life; hundreds of images will be in flight
-    summary = run_local(source, dest, spec, engine, total=total, skip_existing=args.skip_existing,
-                        progress=not args.quiet)
-    up_to_date = f", {summary['up_to_date']} up to date" if args.skip_existing else ""
+    return engine
+
+
+def _report(summary: dict, skip_existing: bool) -> int:
+    up_to_date = f", {summary['up_to_date']} up to date" if skip_existing else ""
     print(f"{summary['succeeded']} succeeded, {summary['failed']} failed, {summary['skipped']} skipped{up_to_date}; "
           f"manifest: {summary['manifest']}")
     return 1 if summary["failed"] else 0

@@ -14,6 +14,7 @@ from storage import ObjectStore, open_store
 from storage.layout import JOBS_PREFIX
 from tasks.errors import DestinationError, SourceError
 from tasks.jobs.listing import image_keys, no_images
+from tasks.shards.names import ShardSet
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,19 @@ def check_run(source_url: str, dest_url: str) -> tuple[ObjectStore, ObjectStore,
     if first is None:
         raise no_images(source)
     return source, dest, ImageCount(source)
+
+
+def check_shard_run(shards: ShardSet, dest_url: str) -> ObjectStore:
+    """Before ``clipmask run`` masks shards: the first shard SRC names is there, DST takes a
+    write. Returns the dest. Raises ``SourceError``, ``DestinationError``, ``ValueError``."""
+    dest = open_store(dest_url)
+    first = next(shards.keys(), None)
+    if first is None or not shards.store.exists(first):
+        named = shards.url_for(first) if first is not None else shards.store.url
+        raise SourceError(f"SRC names shard {named}, which does not exist: pass a folder of .tar shards "
+                          "or a brace pattern such as s3://bucket/data/{00000..00099}.tar")
+    check_writable(dest)
+    return dest
 
 
 class ImageCount:

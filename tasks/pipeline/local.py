@@ -11,7 +11,9 @@ from tasks.jobs.index import new_job_id, now_iso
 from tasks.jobs.listing import image_keys
 from tasks.jobs.manifest import CountingLines, write_summary
 from tasks.jobs.preflight import ImageCount
+from tasks.pipeline.shards import mask_shard
 from tasks.pipeline.stream import Pipeline
+from tasks.shards.names import ShardSet
 from worker.engine import MaskEngine
 from worker.spec import MaskSpec
 
@@ -51,3 +53,25 @@ def run_local(source: ObjectStore, dest: ObjectStore, spec: MaskSpec, engine: Ma
         dest.write_stream(files.keys["manifest"], counter.rows(rows()), "application/x-ndjson")
         count_up_to_date()
     return write_summary(files, record, counter.counts, "finished", up_to_date=scan.up_to_date if scan else 0)
+
+
+def run_local_shards(shards: ShardSet, dest: ObjectStore, spec: MaskSpec, engine: MaskEngine, *,
+                     progress: bool = True) -> dict:
+    """Mask every WebDataset shard ``shards`` names into an output shard of the same name under
+    ``dest``, one after another (``mask_shard``); returns the summary also written there. The
+    manifest has a row per sample (``shard``, ``key``); a shard that fails does not stop the
+    run."""
+    run_id = new_job_id()
+    record = {"source": shards.store.url, "dest": dest.url, "spec": spec.to_dict(), "created_at": now_iso()}
+    files, counter = JobFiles(dest, run_id), CountingLines()
+    with tqdm(unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        def rows():
+            for key in shards.keys():
+                bar.set_description(key, refresh=False)
+                for row in mask_shard(engine, spec, shards.store, key, dest, context=f"run {run_id} {key}").rows():
+                    yield row
+                    bar.update()
+                bar.set_postfix(counter.counts, refresh=False)
+
+        dest.write_stream(files.keys["manifest"], counter.rows(rows()), "application/x-ndjson")
+    return write_summary(files, record, counter.counts, "finished")
