@@ -17,7 +17,9 @@ may come chunked and aws-chunked (botocore's trailing checksums).
 ``GET /_stats`` answers ``{"counts": {method: requests}, "max_in_flight": n}`` (a listing counted as
 ``LIST``, not ``GET``) (``POST`` also resets
 them); ``POST /_fill`` with ``{"bucket": name, "keys": [...]}`` makes the bucket and those keys, empty
-and modified now (a later fill replaces them, newer), at once (a benchmark's 10^5 keys in a second, where PUTs one by one would take minutes). Listing
+and modified now (a later fill replaces them, newer), at once (a benchmark's 10^5 keys in a second, where PUTs one by one would take minutes);
+``POST /_rtt`` with ``{"rtt_ms": x}`` sets the round trip from then on (fill at 0, measure at 100);
+``POST /_drop`` with ``{"bucket": name}`` drops a bucket and its objects at once. Listing
 keeps each bucket's keys sorted between changes and finds its place by bisection, so a page costs
 the same anywhere in a large bucket. ``S3Lite(rtt_s).start()`` runs it in a thread instead, for a
 quick try; a benchmark runs it as a process of its own (``LiteServer``), so that it takes no GIL
@@ -122,6 +124,13 @@ class S3Lite:
             if method == "POST":
                 self.reset_counts()
             return 200, {"Content-Type": "application/json"}, json.dumps(stats).encode()
+        if target.startswith("/_rtt"):  # {"rtt_ms": x}: the round trip from now on
+            self.rtt_s = json.loads(body)["rtt_ms"] / 1000
+            return 200, {}, b""
+        if target.startswith("/_drop"):  # {"bucket": name}: the bucket and its objects gone, at once
+            self.buckets.pop(json.loads(body)["bucket"], None)
+            self._index.pop(json.loads(body)["bucket"], None)
+            return 200, {}, b""
         if target.startswith("/_fill"):
             fill = json.loads(body)
             objects = self.buckets.setdefault(fill["bucket"], {})
@@ -288,6 +297,14 @@ class LiteServer:
         request = urllib.request.Request(self.endpoint + "/_stats", method="POST" if reset else "GET")
         with urllib.request.urlopen(request, timeout=5) as response:
             return json.loads(response.read())
+
+    def control(self, path: str, body: dict) -> None:
+        """``POST`` ``body`` to ``/_rtt`` or ``/_drop`` (the module's doc)."""
+        import urllib.request
+
+        request = urllib.request.Request(self.endpoint + path, data=json.dumps(body).encode(), method="POST")
+        with urllib.request.urlopen(request, timeout=30):
+            pass
 
     def stop(self) -> None:
         self.process.terminate()
