@@ -6,7 +6,7 @@ from tqdm import tqdm
 
 from storage import ObjectStore
 from tasks.jobs.files import JobFiles
-from tasks.jobs.incremental import Scan
+from tasks.jobs.incremental import Scan, ShardScan
 from tasks.jobs.index import new_job_id, now_iso
 from tasks.jobs.listing import image_keys
 from tasks.jobs.manifest import CountingLines, write_summary
@@ -56,17 +56,19 @@ def run_local(source: ObjectStore, dest: ObjectStore, spec: MaskSpec, engine: Ma
 
 
 def run_local_shards(shards: ShardSet, dest: ObjectStore, spec: MaskSpec, engine: MaskEngine, *,
-                     progress: bool = True) -> dict:
+                     skip_existing: bool = False, progress: bool = True) -> dict:
     """Mask every WebDataset shard ``shards`` names into an output shard of the same name under
     ``dest``, one after another (``mask_shard``); returns the summary also written there. The
     manifest has a row per sample (``shard``, ``key``); a shard that fails does not stop the
-    run."""
+    run. ``skip_existing``: only the shards without an output shard newer than them (the
+    summary's ``up_to_date`` counts the others, shards)."""
     run_id = new_job_id()
     record = {"source": shards.store.url, "dest": dest.url, "spec": spec.to_dict(), "created_at": now_iso()}
     files, counter = JobFiles(dest, run_id), CountingLines()
+    scan = ShardScan(shards, dest) if skip_existing else None
     with tqdm(unit="img", disable=not progress, dynamic_ncols=True) as bar:
         def rows():
-            for key in shards.keys():
+            for key in scan.keys() if scan else shards.keys():
                 bar.set_description(key, refresh=False)
                 for row in mask_shard(engine, spec, shards.store, key, dest, context=f"run {run_id} {key}").rows():
                     yield row
@@ -74,4 +76,4 @@ def run_local_shards(shards: ShardSet, dest: ObjectStore, spec: MaskSpec, engine
                 bar.set_postfix(counter.counts, refresh=False)
 
         dest.write_stream(files.keys["manifest"], counter.rows(rows()), "application/x-ndjson")
-    return write_summary(files, record, counter.counts, "finished")
+    return write_summary(files, record, counter.counts, "finished", up_to_date=scan.up_to_date if scan else 0)
