@@ -13,6 +13,7 @@ import time
 import boto3
 
 from tests.processes import clipmask, job_status, wait_for
+from tests.services import FaultyProxy
 from tests.test_jobs_e2e import job_env, start_worker  # noqa: F401 - fixtures
 from tests.test_shards import OPTIONS, member_offset, read_shard, run_env, samples, tar_bytes  # noqa: F401
 
@@ -137,3 +138,30 @@ def test_run_skip_existing_masks_only_new_or_changed_shards(tmp_path, run_env): 
     assert result.returncode == 0, result.stderr
     assert "3 succeeded, 0 failed, 0 skipped, 1 up to date" in result.stdout, result.stdout
     assert list(read_shard(out / "00001.tar")) == list(samples(1, count=3))
+
+
+def test_a_shard_that_storage_cut_off_runs_again_instead_of_failing(
+        s3_bucket, moto_server, job_env, start_worker, tmp_path):  # noqa: F811
+    # Given a shard on S3 and a worker that reaches S3 through a proxy that cuts every connection
+    content = {0: samples(0, count=2)}
+    put_shards(s3_bucket, content)
+    out = tmp_path / "out"
+    env = {**job_env, "CLIPMASK_RETRY_MAX_DELAY_S": "2"}
+    with FaultyProxy(moto_server.endpoint, slowdown=0, drop=0) as proxy:
+        proxy.set_outage("cut")
+        worker = start_worker(AWS_ENDPOINT_URL_S3=proxy.endpoint, CLIPMASK_RETRY_MAX_DELAY_S="2")
+        # When a job over it is submitted and the shard's GET fails
+        result = clipmask("submit", f"s3://{s3_bucket}/cc/{{00000..00000}}.tar", "--out", str(out),
+                          "--prompt", "dog", env=env)
+        job_id = job_of(result)
+        deadline = time.monotonic() + 120
+        while "chunk runs again in" not in worker.log() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        # and S3 answers again
+        proxy.set_outage(None)
+        status = wait_for(job_id, env, worker=worker)
+    # Then the shard ran again, not recorded failed, and its output shard is whole
+    log = worker.log()
+    assert "chunk runs again in" in log and f"shard s3://{s3_bucket}/cc/00000.tar not done" in log, log
+    assert (status["state"], status["succeeded"], status["failed"]) == ("finished", 2, 0), log
+    assert list(read_shard(out / "00000.tar")) == list(content[0])
