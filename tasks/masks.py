@@ -8,7 +8,9 @@ bit in the job's bitmap goes from 0 to 1.
 A chunk that cannot finish now (storage away, an image's request failing, Redis away) runs again
 later with what its attempts learnt (``tasks/jobs/retries.py``: which images are done, and the
 budgets: hours while storage is away, 8 retries otherwise); past them, the images it left are
-recorded failed with the reason.
+recorded failed with the reason. A job over WebDataset shards has a shard per chunk: the same
+task masks it into its output shard (``tasks/pipeline/shard_chunk.py``), and runs it again whole
+when storage failed it.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from tasks.jobs.retries import (
     storage_answers,
 )
 from tasks.pipeline import Outcome, Pipeline, kept_outcome
+from tasks.pipeline.shard_chunk import mask_shard_chunk
 from tasks.redact import install_log_redaction
 from worker import lifecycle, metrics
 from worker.celery_app import app
@@ -194,6 +197,8 @@ def _run_chunk(task, jobs: JobIndex, files: JobFiles, chunk: int, size: int, con
         keys = files.read_plan(chunk).keys
     except FileNotFoundError as err:  # both written before the chunk was queued: DST is not what it was
         raise StorageUnavailableError(f"{missing_marker(files.dest, files.keys['job'])}: {err}") from err
+    if record.get("shards"):
+        return _run_shard_chunk(files, chunk, record, keys[0], context, state)
     kept = state.kept_for(len(keys))
     source, spec = open_store(record["source"]), MaskSpec.from_dict(record["spec"])
     marker = None if files.dest.networked else files.keys["job"]  # a local DST: still the job's folder?
@@ -217,13 +222,38 @@ def _run_chunk(task, jobs: JobIndex, files: JobFiles, chunk: int, size: int, con
     return dict(Counter(outcome.status for outcome in outcomes))
 
 
+def _run_shard_chunk(files: JobFiles, chunk: int, record: dict, key: str, context: str, state: RetryState) -> dict:
+    """A chunk that is one WebDataset shard: masked into the output shard of the same key
+    (``mask_shard``), its samples' rows the chunk's results. A shard that failed because storage
+    did (away, not answering, a request that failed) runs again whole, within the budgets of any
+    chunk (its output shard was not written); one that is not a whole tar is recorded, its
+    samples failed with the reason and byte offset."""
+    source, spec = open_store(record["source"]), MaskSpec.from_dict(record["spec"])
+    result, errors = mask_shard_chunk(lifecycle.engine(), spec, source, key, files.dest, context)
+    rows = list(result.rows())
+    transient = [err for err in errors if _worth_retrying(err)]
+    if transient:
+        said = any(is_unavailable(err) for err in transient)  # a failure that says the store is away: no probe
+        away = "" if said else _storage_away(files, source)
+        decision = decide(state, TODO, away is not None, time.time())
+        if decision.state is not None:
+            raise _RunAgain(decision, f"shard {result.shard} not done: {result.error}", away)
+        rows = [{**row, "error": f"{decision.reason}: {row['error']}"} for row in rows]
+    _write_rows(files, chunk, rows)
+    return dict(Counter(row["status"] for row in rows))
+
+
 def _write_results(files: JobFiles, chunk: int, outcomes: list[Outcome]) -> None:
+    _write_rows(files, chunk, [outcome.row() for outcome in outcomes])
+
+
+def _write_rows(files: JobFiles, chunk: int, rows: list[dict]) -> None:
     """The chunk's results file, once a local DST is known to be the job's folder still: written to
     the bare mount point of an unmounted share, it would be hidden once the share is back, and
     the job could never write its manifest."""
     if not files.dest.networked:
         check_marker(files.dest, files.keys["job"])
-    files.write_results(chunk, [outcome.row() for outcome in outcomes])
+    files.write_results(chunk, rows)
 
 
 def _storage_away(files: JobFiles, source: ObjectStore | None) -> str | None:
@@ -245,6 +275,10 @@ def _record_failed(files: JobFiles, chunk: int, state: RetryState, reason: str) 
     end (``state.kept``); returns the counts."""
     record = _job_record(files.dest.url, files.job_id)
     source, keys = open_store(record["source"]), files.read_plan(chunk).keys
+    if record.get("shards"):  # the shard was not read: one row for it, without a key
+        url = source.url_for(keys[0])
+        _write_rows(files, chunk, [{"source": url, "status": "failed", "error": reason, "shard": url, "key": None}])
+        return {"failed": 1}
     kept = state.kept_for(len(keys))
     spec = MaskSpec.from_dict(record["spec"]) if kept.strip(TODO) else None  # (a spec no worker takes: none kept)
     outcomes = [Outcome(key, source.url_for(key), "failed", error=reason) if mark == TODO
@@ -265,7 +299,8 @@ def finish_job(self, job_id: str, dest: str) -> dict | None:
         if planned is None:
             raise IncompleteJobError(f"job {job_id}: planning is not over")
         cancelled = data.get("cancelled") == "1"
-        counter = write_job_manifest(files, open_store(record["source"]), planned["chunks"], cancelled)
+        counter = write_job_manifest(files, open_store(record["source"]), planned["chunks"], cancelled,
+                                     shards=bool(record.get("shards")))
         summary = write_summary(files, record, counter.counts, "cancelled" if cancelled else "finished",
                                 up_to_date=planned.get("up_to_date", 0))
         _job_callback(files, job_id, summary)

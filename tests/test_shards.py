@@ -195,7 +195,6 @@ def test_run_masks_an_s3_brace_pattern_and_skips_a_corrupt_shard(tmp_path, run_e
 @pytest.mark.parametrize("source, args, message", [
     ("images", ["--output-format", "webdataset"], "--output-format webdataset needs WebDataset shards"),
     ("shards", ["--output-format", "files"], "leave out --output-format"),
-    ("shards", ["--skip-existing"], "--skip-existing is for folders of images"),
     ("missing", [], "which does not exist"),
 ])
 def test_run_rejects_output_formats_that_do_not_fit_the_source(tmp_path, run_env, source, args, message):

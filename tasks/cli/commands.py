@@ -46,17 +46,16 @@ def _run_shards(args: argparse.Namespace, spec, shards) -> int:
     dest = check_shard_run(shards, args.out)
     from tasks.pipeline.local import run_local_shards
 
-    return _report(run_local_shards(shards, dest, spec, _load_engine(args), progress=not args.quiet), False)
+    summary = run_local_shards(shards, dest, spec, _load_engine(args), skip_existing=args.skip_existing,
+                               progress=not args.quiet)
+    return _report(summary, args.skip_existing)
 
 
 def _check_output_format(args: argparse.Namespace, sharded: bool) -> None:
-    """``--output-format`` and ``--skip-existing`` fit SRC: shards in, shards out."""
+    """``--output-format`` fits SRC: shards in, shards out."""
     if sharded and args.output_format == "files":
         raise UsageError(f"SRC {args.source} holds WebDataset shards, which are written as shards: leave out "
                          "--output-format or pass --output-format webdataset")
-    if sharded and args.skip_existing:
-        raise UsageError(f"--skip-existing is for folders of images; SRC {args.source} holds WebDataset shards: "
-                         "leave it out (every shard is masked again)")
     if not sharded and args.output_format == "webdataset":
         raise UsageError(f"--output-format webdataset needs WebDataset shards in SRC (.tar files, or a brace "
                          f"pattern such as s3://bucket/data/{{00000..00099}}.tar); {args.source} holds images: "
@@ -140,7 +139,9 @@ def status(args: argparse.Namespace, _extra: list[str]) -> int:
     if args.json:
         print(json.dumps(report, sort_keys=True))
     else:
-        print(f"job {report['job_id']}: {report['state']}, {report['done']}/{report['total']} done "
+        done = (f"{report['chunks_done']}/{report['chunks']} shards done, {report['done']} samples"
+                if report.get("shards") else f"{report['done']}/{report['total']} done")
+        print(f"job {report['job_id']}: {report['state']}, {done} "
               f"({report['succeeded']} succeeded, {report['failed']} failed, {report['skipped']} skipped)"
               f"{_up_to_date_note(report)}{_planning_note(report)}")
         if waiting_note(report):
@@ -166,10 +167,12 @@ def _planning_note(report: dict) -> str:
 
 def _watch(jobs, job_id: str) -> None:
     report = jobs.status(job_id)
-    with tqdm(total=report["total"], unit="img", dynamic_ncols=True, file=sys.stderr) as bar:
+    total, done = ("chunks", "chunks_done") if report.get("shards") else ("total", "done")
+    with tqdm(total=report[total], unit="shard" if report.get("shards") else "img", dynamic_ncols=True,
+              file=sys.stderr) as bar:
         while True:
-            bar.total = report["total"]
-            bar.update(report["done"] - bar.n)
+            bar.total = report[total]
+            bar.update(report[done] - bar.n)
             bar.set_postfix(succeeded=report["succeeded"], failed=report["failed"], refresh=True)
             if report["manifest"]:  # written once the job has ended
                 return

@@ -65,8 +65,8 @@ def _mask_options() -> argparse.ArgumentParser:
                             "alone halves the encoding work, rle alone writes no PNG")
     group.add_argument("--skip-existing", action="store_true", help="mask only what is new or changed: an image whose "
                        "metadata record under DST is newer than it is left alone; one modified since its record "
-                       "was written is masked again. Found from the listings of SRC and DST side by side, with "
-                       "no request per image")
+                       "was written is masked again (shards: a shard whose output shard is newer than it). Found "
+                       "from the listings of SRC and DST side by side, with no request per image")
     return parent
 
 
@@ -93,9 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", parents=[mask, engine], help="mask SRC into DST in this process, no broker")
     submit = commands.add_parser("submit", parents=[mask], help="queue a job for Celery workers; prints the job id")
     for sub in (run, submit):
-        sub.add_argument("source", metavar="SRC", help="s3://bucket/prefix or a local folder of images" + (
-            "; or of WebDataset .tar shards, or a brace pattern of them: s3://b/data/{00000..00099}.tar"
-            if sub is run else ""))
+        sub.add_argument("source", metavar="SRC", help="s3://bucket/prefix or a local folder of images; or of "
+                         "WebDataset .tar shards, or a brace pattern of them: s3://b/data/{00000..00099}.tar")
         sub.add_argument("--out", required=True, metavar="DST", help="s3://bucket/prefix or a local folder")
     run.add_argument("--output-format", choices=("files", "webdataset"),
                      help="files: three files per image beside its relative path (the default for a folder of "
@@ -104,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log every image")
     submit.add_argument("--chunk-size", type=at_least(1), default=DEFAULT_CHUNK_SIZE,
-                        help=f"images per task (default {DEFAULT_CHUNK_SIZE})")
+                        help=f"images per task (default {DEFAULT_CHUNK_SIZE}; shards: one shard per task)")
     status = commands.add_parser("status", help="progress of a job")
     status.add_argument("job_id", metavar="JOB")
     status.add_argument("--json", action="store_true", help="print one JSON object")

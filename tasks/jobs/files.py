@@ -1,6 +1,7 @@
 """A job's durable record in storage, under ``DST/_jobs/<job_id>/`` (docs/design.md, "Jobs").
 
-- ``job.json``        what was asked: source, dest, spec, skip_existing, chunk_size, created_at;
+- ``job.json``        what was asked: source, dest, spec, skip_existing, chunk_size, created_at,
+                      and ``shards`` for a job over WebDataset shards (a chunk per shard);
                       written before anything is planned
 - ``plan/<n>.json``   chunk ``n``: ``{"chunk": n, "first": index of its first key, "keys": [...]}``,
                       written before chunk ``n`` is queued
@@ -19,8 +20,9 @@ import json
 from dataclasses import dataclass
 from typing import Iterator
 
-from storage import ObjectStore
+from storage import ObjectStore, open_store
 from storage.layout import chunk_of, job_keys, plan_key, results_key
+from tasks.shards.names import ShardSet
 
 
 def dumps(record: dict) -> bytes:
@@ -123,6 +125,14 @@ class JobFiles:
 
     def is_cancelled(self) -> bool:
         return self.dest.exists(self.keys["cancelled"])
+
+
+def shard_set(record: dict) -> ShardSet | None:
+    """The shards of a job over WebDataset shards (its ``job.json`` has ``shards``: one chunk per
+    shard, the plan's keys shard keys under ``source``), else None."""
+    if not record.get("shards"):
+        return None
+    return ShardSet(open_store(record["source"]), record["shards"].get("pattern"))
 
 
 def count_statuses(lines: bytes) -> dict[str, int]:

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from storage import Listed, ObjectStore
 from storage.layout import METADATA_SUFFIX, is_image_key
 from tasks.jobs.listing import only_images
+from tasks.shards.names import SHARD_SUFFIX, ShardSet
 
 
 def record_order(keys: Iterable[str], suffix: str = METADATA_SUFFIX) -> Iterator[str]:
@@ -87,3 +88,48 @@ class Scan:
             else:
                 self.up_to_date += 1
 
+
+
+class ShardScan:
+    """The shards of ``shards`` to mask into ``dest``: those without an output shard of the same
+    name there, and those modified since it was written, counted as for images (``new``,
+    ``changed``, ``up_to_date``). A job holds a few thousand shards at most: both listings are
+    read once into a name -> time map (the source's under the pattern's fixed head only).
+
+    With ``after`` (the last shard planned before an interruption), only the shards after it."""
+
+    def __init__(self, shards: ShardSet, dest: ObjectStore, after: str | None = None) -> None:
+        self.shards, self.dest, self.after = shards, dest, after
+        self.new = self.changed = self.up_to_date = 0
+
+    def keys(self) -> Iterator[str]:
+        head = shard_head(self.shards)
+        inputs = {key: key.modified for key in self.shards.store.list_entries(head) if key.endswith(SHARD_SUFFIX)}
+        outputs = {key: key.modified for key in self.dest.list_entries(head) if key.endswith(SHARD_SUFFIX)}
+        for key in shard_keys(self.shards, self.after):
+            if key not in outputs:
+                self.new += 1
+                yield key
+            elif key not in inputs or inputs[key] > outputs[key]:  # not listed: its task says why
+                self.changed += 1
+                yield key
+            else:
+                self.up_to_date += 1
+
+
+def shard_head(shards: ShardSet) -> str:
+    """The fixed part of a brace pattern before its first group, the folder of its shards: where
+    to list them ("" without a pattern)."""
+    pattern = shards.pattern or ""
+    head = pattern[:pattern.index("{")] if "{" in pattern else ""
+    return head[:head.rfind("/") + 1]
+
+
+def shard_keys(shards: ShardSet, after: str | None = None) -> Iterator[str]:
+    """The shard keys of ``shards`` in order, only those after ``after`` when given."""
+    keys = shards.keys()
+    if after is not None:
+        for key in keys:
+            if key == after:
+                break
+    return keys

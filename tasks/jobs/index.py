@@ -3,7 +3,8 @@
 Storage holds the job's record (``tasks/jobs/files.py``); Redis holds, per job, only what stays
 small whatever the job's size, so that it can be lost and rebuilt (``clipmask resume``):
 
-- ``clipmask:job:{id}``        hash: source, dest, spec, queue, created_at, chunk_size, window, chunks and
+- ``clipmask:job:{id}``        hash: source, dest, spec, queue, shards (1 for a job over shards, whose
+                               chunks are shards), created_at, chunk_size, window, chunks and
                                total (planned so far), sent (chunks queued so far, see
                                ``scripts``), planned (0/1), cancelled (0/1), planner (host:pid)
                                and planner_beat while planning, succeeded / failed / skipped /
@@ -108,6 +109,7 @@ class JobIndex:
             pipe.hset(self._key(job_id), mapping={
                 "source": record["source"], "dest": record["dest"], "spec": json.dumps(record["spec"]),
                 **({"queue": record["queue"]} if record.get("queue") else {}),
+                **({"shards": 1} if record.get("shards") else {}),
                 "created_at": record["created_at"], "chunk_size": record["chunk_size"],
                 "window": record.get("window") or settings.JOB_WINDOW.get(),
                 "chunks": 0, "total": 0, "sent": 0, "planned": 0, "cancelled": 0, "chunks_done": 0,
@@ -242,8 +244,10 @@ def job_status(job_id: str, data: dict) -> dict:
     counts = {status: int(data.get(status, 0)) for status in STATUSES}
     done = sum(counts.values())
     planned = data.get("planned") == "1"
+    shards = data.get("shards") == "1"  # chunks are shards; samples are known as shards are read
     return {
-        "job_id": job_id, "state": _state(data), "total": int(data.get("total", 0)), **counts,
+        "job_id": job_id, "state": _state(data), "total": done if shards else int(data.get("total", 0)), **counts,
+        "shards": shards,
         "up_to_date": int(data.get("up_to_date", 0)),
         "done": done, "chunks": int(data.get("chunks", 0)), "chunks_done": int(data.get("chunks_done", 0)),
         "chunks_queued": int(data.get("sent", 0)) - int(data.get("chunks_done", 0)),

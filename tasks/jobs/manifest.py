@@ -40,12 +40,18 @@ class CountingLines:
         return sum(self.counts.values())
 
 
-def write_job_manifest(files: JobFiles, source: ObjectStore, chunks: int, cancelled: bool) -> CountingLines:
+def write_job_manifest(files: JobFiles, source: ObjectStore, chunks: int, cancelled: bool,
+                       shards: bool = False) -> CountingLines:
     """Stream chunks ``0..chunks-1``'s results into the manifest; returns the counts.
 
-    A chunk without results is listed as skipped when the job was cancelled; otherwise
-    ``IncompleteJobError`` is raised and no manifest is written.
+    A chunk without results is listed as skipped when the job was cancelled (a shard that was
+    not read: one row for the shard, without a ``key``); otherwise ``IncompleteJobError`` is
+    raised and no manifest is written.
     """
+    def skipped(key: str) -> dict:
+        row = {"source": source.url_for(key), "status": "skipped", "error": CANCELLED}
+        return {**row, "shard": row["source"], "key": None} if shards else row
+
     def chunk_lines(chunk: int) -> bytes:
         try:
             return files.read_results(chunk)
@@ -53,8 +59,7 @@ def write_job_manifest(files: JobFiles, source: ObjectStore, chunks: int, cancel
             if not cancelled:
                 raise IncompleteJobError(f"job {files.job_id}: chunk {chunk} has no results yet") from None
         keys = files.read_plan(chunk).keys
-        return b"".join(row_line({"source": source.url_for(key), "status": "skipped", "error": CANCELLED})
-                        for key in keys)
+        return b"".join(row_line(skipped(key)) for key in keys)
 
     counter = CountingLines()
     blobs = ordered_map(chunk_lines, range(chunks))

@@ -15,11 +15,11 @@ from typing import Callable, Iterable, Iterator
 from storage import open_store
 from tasks import settings
 from tasks.errors import NothingNewError, PlanningBusyError, UsageError
-from tasks.jobs.files import JobFiles, PlanChunk
-from tasks.jobs.incremental import Scan
+from tasks.jobs.files import JobFiles, PlanChunk, shard_set
+from tasks.jobs.incremental import Scan, ShardScan, shard_keys
 from tasks.jobs.index import JobIndex, new_job_id, now_iso, planning_interrupted
 from tasks.jobs.listing import chunked, image_keys, no_images
-from tasks.jobs.preflight import check_source, check_writable
+from tasks.jobs.preflight import check_writable, shard_source
 from tasks.jobs.queue import check_broker, default_queue, producer, send_chunk, send_finish
 from tasks.jobs.readahead import ordered_map
 from worker.spec import MaskSpec
@@ -40,29 +40,33 @@ def submit_job(source_url: str, dest_url: str, spec: MaskSpec, *, chunk_size: in
     """Record a job, plan and queue its chunks, and return its id.
 
     ``on_named(job_id)`` is called before anything is listed; ``on_chunk(n)`` as each chunk of
-    ``n`` keys is queued. Raises ``NoImagesError`` before recording anything if the source has
+    ``n`` keys is queued. A SRC that names WebDataset shards (``tasks.shards.names``) plans one
+    chunk per shard, whatever ``chunk_size``. Raises ``NoImagesError`` before recording anything if the source has
     no images, ``UsageError`` for a bad chunk size, ``ValueError`` for a bad URL.
     """
     if chunk_size < 1:
         raise UsageError(f"--chunk-size must be at least 1, got {chunk_size}")
-    source, dest = open_store(source_url), open_store(dest_url)
-    check_source(source)
+    shards = shard_source(source_url)
+    source, dest = shards.store if shards else open_store(source_url), open_store(dest_url)
     check_broker()  # before the probe under DST: nothing written for a job that cannot be queued
     check_writable(dest)
     job_id = new_job_id()
     if on_named:
         on_named(job_id)
-    scan = Scan(source, dest) if skip_existing else None
-    keys = scan.keys() if scan else image_keys(source)
+    scan = (ShardScan(shards, dest) if shards else Scan(source, dest)) if skip_existing else None
+    keys = scan.keys() if scan else shard_keys(shards) if shards else image_keys(source)
     first = next(keys, None)
     if first is None:
         if scan and scan.up_to_date:
-            raise NothingNewError(f"nothing new under {source.url}: all {scan.up_to_date:,} images have records in "
+            what = "shards have output shards" if shards else "images have records"
+            raise NothingNewError(f"nothing new under {source.url}: all {scan.up_to_date:,} {what} in "
                                   f"{dest.url} newer than them; no job was created", scan.up_to_date)
         raise no_images(source)
     record = {"job_id": job_id, "source": source.url, "dest": dest.url, "spec": spec.to_dict(),
-              "skip_existing": skip_existing, "chunk_size": chunk_size, "created_at": now_iso(),
+              "skip_existing": skip_existing, "chunk_size": 1 if shards else chunk_size, "created_at": now_iso(),
               "window": settings.JOB_WINDOW.get(), "queue": default_queue()}
+    if shards:  # a shard is a chunk: its plan holds the shard's key, its results a row per sample
+        record["shards"] = {"pattern": shards.pattern}
     if scan:  # the plan holds only what is new or changed: workers mask every key of it
         record["planned_new"] = True
     files = JobFiles(dest, job_id)
@@ -192,8 +196,12 @@ def _continue_plan(jobs: JobIndex, files: JobFiles, record: dict, data: dict,
     chunk, total, after = (last.chunk + 1, last.end, last.keys[-1]) if last else (0, 0, None)
     jobs.claim_planning(files.job_id, chunk, total)
     cancelled = data.get("cancelled") == "1"  # then only the plan's end is written
-    source = open_store(record["source"])
-    scan = Scan(source, files.dest, after) if record.get("planned_new") else None
-    keys = () if cancelled else scan.keys() if scan else image_keys(source, start_after=after)
+    source, shards = open_store(record["source"]), shard_set(record)
+    if shards:
+        scan = ShardScan(shards, files.dest, after) if record.get("planned_new") else None
+        keys = () if cancelled else scan.keys() if scan else shard_keys(shards, after)
+    else:
+        scan = Scan(source, files.dest, after) if record.get("planned_new") else None
+        keys = () if cancelled else scan.keys() if scan else image_keys(source, start_after=after)
     up_to_date = int(data.get("up_to_date") or 0)
     return plan_chunks(jobs, files, record, keys, chunk, total, on_chunk, scan, up_to_date) - total

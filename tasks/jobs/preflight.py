@@ -14,7 +14,7 @@ from storage import ObjectStore, open_store
 from storage.layout import JOBS_PREFIX
 from tasks.errors import DestinationError, SourceError
 from tasks.jobs.listing import image_keys, no_images
-from tasks.shards.names import ShardSet
+from tasks.shards.names import ShardSet, find_shards, is_brace_pattern
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +70,30 @@ def check_shard_run(shards: ShardSet, dest_url: str) -> ObjectStore:
     """Before ``clipmask run`` masks shards: the first shard SRC names is there, DST takes a
     write. Returns the dest. Raises ``SourceError``, ``DestinationError``, ``ValueError``."""
     dest = open_store(dest_url)
+    check_first_shard(shards)
+    check_writable(dest)
+    return dest
+
+
+def shard_source(url: str) -> ShardSet | None:
+    """The shards a job's SRC names (``tasks.shards.names.find_shards``), their first one
+    checked, or None for a folder of images, checked as ``check_source`` does. Raises
+    ``SourceError``, ``ValueError`` for a malformed URL or pattern."""
+    if not is_brace_pattern(url):
+        check_source(open_store(url))  # a missing folder is named as such, not listed
+    shards = find_shards(url)
+    if shards is not None:
+        check_first_shard(shards)
+    return shards
+
+
+def check_first_shard(shards: ShardSet) -> None:
+    """The first shard SRC names exists; raises ``SourceError`` saying what to pass."""
     first = next(shards.keys(), None)
     if first is None or not shards.store.exists(first):
         named = shards.url_for(first) if first is not None else shards.store.url
         raise SourceError(f"SRC names shard {named}, which does not exist: pass a folder of .tar shards "
                           "or a brace pattern such as s3://bucket/data/{00000..00099}.tar")
-    check_writable(dest)
-    return dest
 
 
 class ImageCount:

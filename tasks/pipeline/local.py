@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from storage import ObjectStore
 from tasks.jobs.files import JobFiles
-from tasks.jobs.incremental import Scan
+from tasks.jobs.incremental import Scan, ShardScan
 from tasks.jobs.index import new_job_id, now_iso
 from tasks.jobs.listing import image_keys
 from tasks.jobs.manifest import CountingLines, write_summary
@@ -66,14 +66,17 @@ SHARDS_IN_FLIGHT = 4
 
 
 def run_local_shards(shards: ShardSet, dest: ObjectStore, spec: MaskSpec, engine: MaskEngine, *,
-                     progress: bool = True) -> dict:
+                     skip_existing: bool = False, progress: bool = True) -> dict:
     """Mask every WebDataset shard ``shards`` names into an output shard of the same name under
     ``dest`` (``mask_shard``), ``SHARDS_IN_FLIGHT`` at a time; returns the summary also written
     there. The manifest has a row per sample (``shard``, ``key``), shard after shard in the
-    order SRC names them; a shard that fails does not stop the run."""
+    order SRC names them; a shard that fails does not stop the run. ``skip_existing``: only the
+    shards without an output shard newer than them (the summary's ``up_to_date`` counts the
+    others, shards)."""
     run_id = new_job_id()
     record = {"source": shards.store.url, "dest": dest.url, "spec": spec.to_dict(), "created_at": now_iso()}
     files, counter = JobFiles(dest, run_id), CountingLines()
+    scan = ShardScan(shards, dest) if skip_existing else None
     with tqdm(unit="img", disable=not progress, dynamic_ncols=True) as bar, \
             ThreadPoolExecutor(SHARDS_IN_FLIGHT, thread_name_prefix="clipmask-shard") as pool:
         def mask(key: str) -> ShardResult:
@@ -82,7 +85,7 @@ def run_local_shards(shards: ShardSet, dest: ObjectStore, spec: MaskSpec, engine
             return result
 
         def rows():
-            keys = shards.keys()
+            keys = scan.keys() if scan else shards.keys()
             started = deque(pool.submit(mask, key) for key in itertools.islice(keys, SHARDS_IN_FLIGHT))
             while started:
                 result = started.popleft().result()
@@ -91,4 +94,4 @@ def run_local_shards(shards: ShardSet, dest: ObjectStore, spec: MaskSpec, engine
                 bar.set_postfix(counter.counts, refresh=False)
 
         dest.write_stream(files.keys["manifest"], counter.rows(rows()), "application/x-ndjson")
-    return write_summary(files, record, counter.counts, "finished")
+    return write_summary(files, record, counter.counts, "finished", up_to_date=scan.up_to_date if scan else 0)
