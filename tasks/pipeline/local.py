@@ -13,6 +13,7 @@ from tasks.jobs.manifest import CountingLines, write_summary
 from tasks.jobs.preflight import ImageCount
 from tasks.pipeline.shards import mask_shard
 from tasks.pipeline.stream import Pipeline
+from tasks.shards.formats import output_key
 from tasks.shards.names import ShardSet
 from worker.engine import MaskEngine
 from worker.spec import MaskSpec
@@ -56,11 +57,12 @@ def run_local(source: ObjectStore, dest: ObjectStore, spec: MaskSpec, engine: Ma
 
 
 def run_local_shards(shards: ShardSet, dest: ObjectStore, spec: MaskSpec, engine: MaskEngine, *,
+                     output_format: str | None = None, image_column: str | None = None,
                      progress: bool = True) -> dict:
-    """Mask every WebDataset shard ``shards`` names into an output shard of the same name under
-    ``dest``, one after another (``mask_shard``); returns the summary also written there. The
-    manifest has a row per sample (``shard``, ``key``); a shard that fails does not stop the
-    run."""
+    """Mask every shard ``shards`` names into an output shard of the same name under ``dest``
+    (its extension ``output_format``'s: ``webdataset`` or ``parquet``; None keeps the input's),
+    one after another (``mask_shard``); returns the summary also written there. The manifest has
+    a row per sample (``shard``, ``key``); a shard that fails does not stop the run."""
     run_id = new_job_id()
     record = {"source": shards.store.url, "dest": dest.url, "spec": spec.to_dict(), "created_at": now_iso()}
     files, counter = JobFiles(dest, run_id), CountingLines()
@@ -68,7 +70,9 @@ def run_local_shards(shards: ShardSet, dest: ObjectStore, spec: MaskSpec, engine
         def rows():
             for key in shards.keys():
                 bar.set_description(key, refresh=False)
-                for row in mask_shard(engine, spec, shards.store, key, dest, context=f"run {run_id} {key}").rows():
+                result = mask_shard(engine, spec, shards.store, key, dest, output_key(key, output_format),
+                                    f"run {run_id} {key}", image_column=image_column)
+                for row in result.rows():
                     yield row
                     bar.update()
                 bar.set_postfix(counter.counts, refresh=False)
