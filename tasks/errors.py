@@ -59,9 +59,10 @@ class DestinationError(JobError, PermissionError):
 
 
 class ShardFormatError(JobError, ValueError):
-    """Raised when a WebDataset shard is not a whole tar: cut off, or a header that cannot be
-    read. ``offset`` is the byte where it went wrong; the message names it, so that the shard can
-    be written again from its source."""
+    """Raised when a WebDataset shard is not a whole tar (cut off, or a header that cannot be
+    read), or a Parquet shard not whole Parquet (cut off, a row group that cannot be decoded, no
+    image column). ``offset`` is the byte where it went wrong; the message names it, so that the
+    shard can be written again from its source."""
 
     def __init__(self, message: str, offset: int):
         super().__init__(message)

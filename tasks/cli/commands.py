@@ -27,7 +27,7 @@ def run(args: argparse.Namespace, _extra: list[str]) -> int:
     spec = spec_from_args(args)
     validate_device(args.device)
     shards = find_shards(args.source)
-    _check_output_format(args, shards is not None)
+    _check_output_format(args, shards)
     if shards is not None:
         return _run_shards(args, spec, shards)
     from tasks.jobs.preflight import check_run
@@ -47,19 +47,26 @@ def _run_shards(args: argparse.Namespace, spec, shards) -> int:
     from tasks.pipeline.local import run_local_shards
 
     summary = run_local_shards(shards, dest, spec, _load_engine(args), skip_existing=args.skip_existing,
+                               output_format=args.output_format, image_column=args.image_column,
                                progress=not args.quiet)
     return _report(summary, args.skip_existing)
 
 
-def _check_output_format(args: argparse.Namespace, sharded: bool) -> None:
-    """``--output-format`` fits SRC: shards in, shards out."""
+def _check_output_format(args: argparse.Namespace, shards) -> None:
+    """``--output-format`` and ``--image-column`` fit SRC: shards in, shards out; an image column
+    for Parquet shards only."""
+    from tasks.shards.names import PARQUET_SUFFIX
+
+    sharded = shards is not None
     if sharded and args.output_format == "files":
-        raise UsageError(f"SRC {args.source} holds WebDataset shards, which are written as shards: leave out "
-                         "--output-format or pass --output-format webdataset")
-    if not sharded and args.output_format == "webdataset":
-        raise UsageError(f"--output-format webdataset needs WebDataset shards in SRC (.tar files, or a brace "
-                         f"pattern such as s3://bucket/data/{{00000..00099}}.tar); {args.source} holds images: "
-                         "leave out --output-format")
+        raise UsageError(f"SRC {args.source} holds shards, which are written as shards: leave out "
+                         "--output-format or pass --output-format webdataset or parquet")
+    if args.image_column is not None and not (sharded and shards.suffix == PARQUET_SUFFIX):
+        raise UsageError(f"--image-column is for Parquet shards; SRC {args.source} holds none: leave it out")
+    if not sharded and args.output_format in ("webdataset", "parquet"):
+        raise UsageError(f"--output-format {args.output_format} needs WebDataset shards (.tar) or Parquet shards "
+                         f"(.parquet) in SRC, or a brace pattern such as s3://bucket/data/{{00000..00099}}.tar; "
+                         f"{args.source} holds images: leave out --output-format")
 
 
 def _load_engine(args: argparse.Namespace):

@@ -16,12 +16,15 @@ real dataset is never more than a few.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from storage import Listed, ObjectStore
 from storage.layout import METADATA_SUFFIX, is_image_key
 from tasks.jobs.listing import only_images
-from tasks.shards.names import SHARD_SUFFIX, ShardSet
+from tasks.shards.names import PARQUET_SUFFIX, SHARD_SUFFIX, ShardSet
+
+#: The extensions of output shards, whatever their format.
+SHARD_SUFFIXES = (SHARD_SUFFIX, PARQUET_SUFFIX)
 
 
 def record_order(keys: Iterable[str], suffix: str = METADATA_SUFFIX) -> Iterator[str]:
@@ -96,21 +99,25 @@ class ShardScan:
     ``changed``, ``up_to_date``). A job holds a few thousand shards at most: both listings are
     read once into a name -> time map (the source's under the pattern's fixed head only).
 
-    With ``after`` (the last shard planned before an interruption), only the shards after it."""
+    With ``after`` (the last shard planned before an interruption), only the shards after it.
+    ``output_key``: the output shard's key for an input shard's (the same, unless the output is
+    written in another format)."""
 
-    def __init__(self, shards: ShardSet, dest: ObjectStore, after: str | None = None) -> None:
-        self.shards, self.dest, self.after = shards, dest, after
+    def __init__(self, shards: ShardSet, dest: ObjectStore, after: str | None = None,
+                 output_key: Callable[[str], str] = str) -> None:
+        self.shards, self.dest, self.after, self.output_key = shards, dest, after, output_key
         self.new = self.changed = self.up_to_date = 0
 
     def keys(self) -> Iterator[str]:
         head = shard_head(self.shards)
-        inputs = {key: key.modified for key in self.shards.store.list_entries(head) if key.endswith(SHARD_SUFFIX)}
-        outputs = {key: key.modified for key in self.dest.list_entries(head) if key.endswith(SHARD_SUFFIX)}
+        inputs = {key: key.modified for key in self.shards.store.list_entries(head) if key.endswith(self.shards.suffix)}
+        outputs = {key: key.modified for key in self.dest.list_entries(head) if key.endswith(SHARD_SUFFIXES)}
         for key in shard_keys(self.shards, self.after):
-            if key not in outputs:
+            out = self.output_key(key)
+            if out not in outputs:
                 self.new += 1
                 yield key
-            elif key not in inputs or inputs[key] > outputs[key]:  # not listed: its task says why
+            elif key not in inputs or inputs[key] > outputs[out]:  # not listed: its task says why
                 self.changed += 1
                 yield key
             else:

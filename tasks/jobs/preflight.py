@@ -92,7 +92,7 @@ def check_first_shard(shards: ShardSet) -> None:
     first = next(shards.keys(), None)
     if first is None or not shards.store.exists(first):
         named = shards.url_for(first) if first is not None else shards.store.url
-        raise SourceError(f"SRC names shard {named}, which does not exist: pass a folder of .tar shards "
+        raise SourceError(f"SRC names shard {named}, which does not exist: pass a folder of .tar or .parquet shards "
                           "or a brace pattern such as s3://bucket/data/{00000..00099}.tar")
 
 

@@ -17,6 +17,7 @@ from tasks.jobs.manifest import CountingLines, write_summary
 from tasks.jobs.preflight import ImageCount
 from tasks.pipeline.shards import ShardResult, mask_shard
 from tasks.pipeline.stream import Pipeline
+from tasks.shards.formats import output_key
 from tasks.shards.names import ShardSet
 from worker.engine import MaskEngine
 from worker.spec import MaskSpec
@@ -66,21 +67,23 @@ SHARDS_IN_FLIGHT = 4
 
 
 def run_local_shards(shards: ShardSet, dest: ObjectStore, spec: MaskSpec, engine: MaskEngine, *,
-                     skip_existing: bool = False, progress: bool = True) -> dict:
-    """Mask every WebDataset shard ``shards`` names into an output shard of the same name under
-    ``dest`` (``mask_shard``), ``SHARDS_IN_FLIGHT`` at a time; returns the summary also written
-    there. The manifest has a row per sample (``shard``, ``key``), shard after shard in the
-    order SRC names them; a shard that fails does not stop the run. ``skip_existing``: only the
-    shards without an output shard newer than them (the summary's ``up_to_date`` counts the
-    others, shards)."""
+                     skip_existing: bool = False, output_format: str | None = None,
+                     image_column: str | None = None, progress: bool = True) -> dict:
+    """Mask every shard ``shards`` names into an output shard of the same name under ``dest``
+    (its extension ``output_format``'s: ``webdataset`` or ``parquet``; None keeps the input's),
+    ``SHARDS_IN_FLIGHT`` at a time (``mask_shard``); returns the summary also written there. The
+    manifest has a row per sample (``shard``, ``key``), shard after shard in the order SRC names
+    them; a shard that fails does not stop the run. ``skip_existing``: only the shards without
+    an output shard newer than them (the summary's ``up_to_date`` counts the others, shards)."""
     run_id = new_job_id()
     record = {"source": shards.store.url, "dest": dest.url, "spec": spec.to_dict(), "created_at": now_iso()}
     files, counter = JobFiles(dest, run_id), CountingLines()
-    scan = ShardScan(shards, dest) if skip_existing else None
+    scan = ShardScan(shards, dest, output_key=lambda key: output_key(key, output_format)) if skip_existing else None
     with tqdm(unit="img", disable=not progress, dynamic_ncols=True) as bar, \
             ThreadPoolExecutor(SHARDS_IN_FLIGHT, thread_name_prefix="clipmask-shard") as pool:
         def mask(key: str) -> ShardResult:
-            result = mask_shard(engine, spec, shards.store, key, dest, context=f"run {run_id} {key}")
+            result = mask_shard(engine, spec, shards.store, key, dest, output_key(key, output_format),
+                                f"run {run_id} {key}", image_column=image_column)
             bar.update(len(result.outcomes))
             return result
 

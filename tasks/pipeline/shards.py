@@ -1,12 +1,13 @@
-"""Masking one WebDataset shard into one output shard: a shard source's unit of work, whole in
-itself, so that ``clipmask run`` calls it shard after shard and a task can call it for one.
+"""Masking one shard (WebDataset tar or Parquet) into one output shard (either format, by the
+extension of its key): a shard source's unit of work, whole in itself, so that ``clipmask run``
+calls it shard after shard and a task can call it for one.
 
 The shard is read as one stream (``ObjectStore.read_stream``) and its samples are fed to the
 ``Pipeline`` as they are read, through two small stores in memory: ``_Members`` holds each
-sample's image bytes from when the tar gives them until the pipeline reads them (so memory holds
+sample's image bytes from when the reader gives them until the pipeline reads them (so memory holds
 what the pipeline's window holds, not the shard), and ``_Collected`` holds each sample's outputs
 from when the pipeline writes them until the sample's outcome comes, in input order, and the
-sample is appended to the output tar. The output shard is written as one stream
+sample is appended to the output shard. The output shard is written as one stream
 (``ObjectStore.write_stream``: a multipart upload on S3, a temporary file renamed on a local disk)
 and appears only once whole: a shard that fails leaves no output shard (an old one stays).
 
@@ -27,17 +28,14 @@ from dataclasses import dataclass, field
 from storage import ObjectStore
 from tasks.errors import ShardFormatError
 from tasks.pipeline.stream import Outcome, Pipeline
-from tasks.shards.tar import IMAGE_EXTENSIONS, ShardReader, ShardWriter
+from tasks.shards.formats import OUTPUT_MEMBERS, content_type, open_reader, open_writer
+from tasks.shards.tar import IMAGE_EXTENSIONS
 from worker.engine import MaskEngine
 from worker.spec import MaskSpec
 
 __all__ = ["ShardResult", "mask_shard"]
 
 log = logging.getLogger(__name__)
-
-#: The output members of a sample, in the order they are written: role, name suffix.
-OUTPUT_MEMBERS = (("mask", ".mask.png"), ("raw", ".raw.png"), ("metadata", ".json"))
-
 
 @dataclass
 class ShardResult:
@@ -57,34 +55,35 @@ class ShardResult:
 
 
 def mask_shard(engine: MaskEngine, spec: MaskSpec, source: ObjectStore, key: str, dest: ObjectStore,
-               out_key: str | None = None, context: str = "") -> ShardResult:
+               out_key: str | None = None, context: str = "", *, image_column: str | None = None) -> ShardResult:
     """Mask the shard ``key`` of ``source`` into the shard ``out_key`` (default: the same key)
-    of ``dest``. Never raises for the shard's content or for storage: a failure is in the result."""
+    of ``dest``, each in the format its extension says (``.parquet``, else a tar);
+    ``image_column`` names a Parquet shard's image column (default ``jpg``, else ``image``).
+    Never raises for the shard's content or for storage: a failure is in the result."""
     out_key = out_key or key
     result = ShardResult(source.url_for(key))
     members, collected = _Members(result.shard), _Collected(dest.url_for(out_key))
     pipeline = Pipeline(engine, members, collected, spec, False, context)
-    feed = _Feed(source, key, members)
+    feed = _Feed(source, key, members, image_column)
+    writer = open_writer(out_key, spec.outputs, time.time())
     try:
-        dest.write_stream(out_key, _tar_chunks(pipeline.run(feed.keys()), collected, feed, result),
-                          "application/x-tar")
+        dest.write_stream(out_key, _shard_chunks(pipeline.run(feed.keys()), collected, feed, result, writer),
+                          content_type(out_key))
         result.output = dest.url_for(out_key)
     except Exception as err:  # noqa: BLE001 - whatever it is, it fails this shard alone
         _shard_failed(result, feed.error or _reason(err))
     return result
 
 
-def _tar_chunks(outcomes: Iterator[Outcome], collected: "_Collected", feed: "_Feed",
-                result: ShardResult) -> Iterator[bytes]:
+def _shard_chunks(outcomes: Iterator[Outcome], collected: "_Collected", feed: "_Feed", result: ShardResult,
+                  writer) -> Iterator[bytes]:
     """The output shard's bytes, sample by sample in input order; raises at the end, before the
-    end-of-archive blocks, when the input shard could not be read whole (so it is not written)."""
-    writer = ShardWriter(time.time())
+    end of the shard (a tar's end-of-archive blocks, a Parquet footer), when the input shard could
+    not be read whole (so it is not written)."""
     for outcome in outcomes:
         blobs = collected.take(outcome.key)
         if outcome.status == "succeeded":
-            for role, suffix in OUTPUT_MEMBERS:
-                if role in blobs:
-                    writer.add(outcome.key + suffix, blobs[role])
+            writer.add(outcome.key, blobs)
         result.outcomes.append(outcome)
         if chunk := writer.take():
             yield chunk
@@ -120,8 +119,9 @@ class _Feed:
     ``error`` (with the byte offset) rather than raised through the pipeline, so that the
     samples already in flight finish."""
 
-    def __init__(self, source: ObjectStore, key: str, members: "_Members") -> None:
+    def __init__(self, source: ObjectStore, key: str, members: "_Members", image_column: str | None) -> None:
         self._source, self._key, self._members = source, key, members
+        self._image_column = image_column
         self.error: str | None = None
 
     def keys(self) -> Iterator[str]:
@@ -129,7 +129,7 @@ class _Feed:
         seen: set[str] = set()
         try:
             with self._source.read_stream(self._key) as stream:
-                reader = ShardReader(stream)
+                reader = open_reader(self._key, stream, self._image_column)
                 for sample in reader.samples():
                     if sample.key in seen:
                         log.warning("shard %s: sample %s appears twice; the second is left out",
@@ -157,7 +157,9 @@ class _Members(ObjectStore):
         self._lock = threading.Lock()
 
     def put(self, sample) -> None:
-        if sample.image is None:
+        if sample.image is None and sample.problem:
+            held = LookupError(f"sample {sample.key}: {sample.problem}")
+        elif sample.image is None:
             found = ", ".join(sample.members) or "none"
             held = LookupError(f"sample {sample.key} has no image member ({', '.join(IMAGE_EXTENSIONS)}); "
                                f"its members: {found}")
@@ -205,7 +207,7 @@ class _Members(ObjectStore):
 
 class _Collected(ObjectStore):
     """The outputs the ``Pipeline`` writes, by sample key and role, until the sample is appended
-    to the output tar (``take``). ``url_for`` is ``OUTPUT_SHARD#MEMBER``."""
+    to the output shard (``take``). ``url_for`` is ``OUTPUT_SHARD#MEMBER``."""
 
     networked = False  # a write is a dict entry
 

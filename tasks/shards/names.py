@@ -1,10 +1,13 @@
 """Which shards a SRC names (docs/design.md, "Shards").
 
 Two forms, as webdataset and img2dataset write them: a brace pattern
-(``s3://b/cc12m/{00000..01242}.tar``, a local path likewise), or a folder or S3 prefix whose
-listing holds ``.tar`` files (img2dataset's ``00000.tar`` beside ``00000.parquet`` and
-``00000_stats.json``). A folder is read as shards when the first key of its listing that is an
-image or a ``.tar`` is a ``.tar``: a folder of images stays what it was.
+(``s3://b/cc12m/{00000..01242}.tar``, a local path likewise; ``.parquet`` for Parquet shards), or
+a folder or S3 prefix whose listing holds ``.tar`` or ``.parquet`` files. A folder is read as
+shards when the first key of its listing that is an image or a shard is a shard: a folder of
+images stays what it was. Its shards are its ``.tar`` files, or, when the first ``.parquet`` has
+no ``.tar`` of the same name beside it, its ``.parquet`` files: img2dataset's webdataset output
+puts ``00000.parquet`` (the samples' metadata, no images) beside ``00000.tar``, its parquet
+output ``00000.parquet`` alone.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from dataclasses import dataclass
 from storage import ObjectStore, open_store
 from storage.layout import is_image_key, is_output_key
 
-__all__ = ["SHARD_SUFFIX", "ShardSet", "expand_braces", "find_shards", "is_brace_pattern"]
+__all__ = ["PARQUET_SUFFIX", "SHARD_SUFFIX", "ShardSet", "expand_braces", "find_shards", "is_brace_pattern"]
 
 SHARD_SUFFIX = ".tar"
+PARQUET_SUFFIX = ".parquet"
 #: One brace group: ``{00000..01242}`` (a range of whole numbers) or ``{a,b,c}`` (alternatives).
 _GROUP = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
@@ -28,16 +32,18 @@ _RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
 @dataclass(frozen=True)
 class ShardSet:
     """The shards of a SRC: keys relative to ``store``, from a brace pattern (``pattern``) or,
-    without one, every ``.tar`` of the store's listing."""
+    without one, every key of the store's listing that ends with ``suffix`` (``.tar``, or
+    ``.parquet``)."""
 
     store: ObjectStore
     pattern: str | None = None
+    suffix: str = SHARD_SUFFIX
 
     def keys(self) -> Iterator[str]:
         """The shard keys, in the pattern's order or the listing's (S3 key order)."""
         if self.pattern is not None:
             return expand_braces(self.pattern)
-        return (key for key in self.store.list() if key.endswith(SHARD_SUFFIX) and not is_output_key(key))
+        return (key for key in self.store.list() if key.endswith(self.suffix) and not is_output_key(key))
 
     def url_for(self, key: str) -> str:
         return self.store.url_for(key)
@@ -58,13 +64,17 @@ def find_shards(url: str) -> ShardSet | None:
         cut = head.rfind("/") + 1
         pattern = url[cut:]
         next(expand_braces(pattern), None)  # a malformed group is reported now, not mid-run
-        return ShardSet(open_store(url[:cut] or "."), pattern)
+        suffix = PARQUET_SUFFIX if pattern.endswith(PARQUET_SUFFIX) else SHARD_SUFFIX
+        return ShardSet(open_store(url[:cut] or "."), pattern, suffix)
     store = open_store(url)
     for key in store.list():
         if is_output_key(key):
             continue
         if key.endswith(SHARD_SUFFIX):
             return ShardSet(store)
+        if key.endswith(PARQUET_SUFFIX):
+            beside = key[:-len(PARQUET_SUFFIX)] + SHARD_SUFFIX  # img2dataset's metadata beside its tar
+            return ShardSet(store) if store.exists(beside) else ShardSet(store, suffix=PARQUET_SUFFIX)
         if is_image_key(key):
             return None
     return None

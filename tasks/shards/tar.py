@@ -47,13 +47,15 @@ def sample_key(name: str) -> tuple[str, str]:
 @dataclass
 class Sample:
     """One sample of a shard: its key, the name and bytes of its image member (None without
-    one), and the byte offset of its first member's header."""
+    one), and the byte offset of its first member's header (a Parquet row's: its row group's).
+    ``problem`` says why a sample has no image where the reader knows better than its members."""
 
     key: str
     offset: int
     image: str | None = None
     data: bytes | None = None
     members: list[str] = field(default_factory=list)
+    problem: str | None = None
 
 
 class ShardReader:
