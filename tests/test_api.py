@@ -24,6 +24,7 @@ import requests
 from tests.images import sample_inputs
 from tests.processes import CLIPMASK, REPO, Worker, clipmask
 from tests.services import free_port
+from tests.test_shards import samples, tar_bytes
 
 TOKEN = "tok-" + uuid.uuid4().hex
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -427,6 +428,28 @@ def test_a_job_is_submitted_followed_and_its_manifest_streamed(server, worker, b
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert note["state"] == "failed" and "no images under" in note["error"]
+
+
+def test_a_job_over_a_brace_pattern_of_shards_masks_every_sample(server, worker, bucket):
+    # Given two WebDataset shards under an allowed prefix
+    s3 = boto3.client("s3")
+    for shard in (0, 1):
+        s3.put_object(Bucket=bucket, Key=f"in/shards/{shard:05d}.tar", Body=tar_bytes(samples(shard, 2)))
+    # When a job names them by a brace pattern, as webdataset writes it
+    submitted = server.post("/v1/jobs", json={"source": f"s3://{bucket}/in/shards/{{00000..00001}}.tar",
+                                              "dest": f"s3://{bucket}/out/shards/", "prompt": "a cat"})
+    assert submitted.status_code == 202, submitted.text
+    # Then every sample of both shards is masked into an output shard of the same name
+    status = wait_for_job(server, submitted.json()["id"])
+    assert (status["state"], status["succeeded"], status["failed"]) == ("finished", 4, 0)
+    assert keys_under(bucket, "out/shards/0") == ["out/shards/00000.tar", "out/shards/00001.tar"]
+    # And a pattern outside the allowed prefixes, or one that names a parent folder, is refused
+    outside = server.post("/v1/jobs", json={"source": f"s3://{bucket}/elsewhere/{{0..1}}.tar",
+                                            "dest": f"s3://{bucket}/out/", "prompt": "cat"})
+    assert "CLIPMASK_API_ALLOWED" in problem(outside, 403)["detail"]
+    parent = server.post("/v1/jobs", json={"source": f"s3://{bucket}/in/{{..,x}}/a.tar",
+                                           "dest": f"s3://{bucket}/out/", "prompt": "cat"})
+    assert "'..'" in problem(parent, 422)["detail"]
 
 
 # --- clients outside Python ----------------------------------------------------

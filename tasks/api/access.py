@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from storage.base import check_key
 from tasks import settings
 from tasks.api.problems import Problem, invalid_field
 from tasks.errors import UsageError
+from tasks.shards.names import expand_braces, is_brace_pattern
 
 
 def read_tokens(raw: str | None) -> tuple[str, ...]:
@@ -110,6 +112,27 @@ def canonical_prefix(url: str) -> str:
     return os.path.realpath(parsed.prefix).rstrip("/") + "/"
 
 
+#: Shards one brace pattern of a job's ``source`` may name (each is checked when the job is asked).
+MAX_PATTERN_SHARDS = 100_000
+
+
+def canonical_source(url: str) -> str:
+    """A job's SRC as a prefix to compare (``canonical_prefix``), or, for a brace pattern of shards
+    (``s3://b/data/{00000..00099}.tar``), its folder canonical with the pattern after it. Raises
+    ``ValueError`` for a malformed URL, a pattern of more than ``MAX_PATTERN_SHARDS`` shards, or
+    one that names a folder above its own (a ``..`` in any shard it expands to)."""
+    if not is_brace_pattern(url):
+        return canonical_prefix(url)
+    cut = url[:url.index("{")].rfind("/") + 1
+    pattern = url[cut:]
+    named = list(itertools.islice(expand_braces(pattern), MAX_PATTERN_SHARDS + 1))
+    if len(named) > MAX_PATTERN_SHARDS:
+        raise ValueError(f"a brace pattern may name {MAX_PATTERN_SHARDS:,} shards at most: {url}")
+    if any(key.startswith("/") or ".." in key.split("/") for key in named):
+        raise ValueError(f"a brace pattern may not name a parent folder ('..'): {url}")
+    return canonical_prefix(url[:cut]) + pattern
+
+
 def canonical_object(url: str) -> str:
     """One object's URL, canonical: ``s3://bucket/key`` or a resolved local path. Raises
     ``ValueError`` for a URL that names no object, or an S3 key with ``.`` or ``..`` segments."""
@@ -134,6 +157,10 @@ class Allowed:
         """A ``source`` or ``dest`` prefix the request may use, canonical; else a ``403`` naming
         the prefixes allowed (``422`` for a malformed URL)."""
         return self._allowed(field, url, canonical_prefix)
+
+    def source(self, field: str, url: str) -> str:
+        """A job's ``source``: a prefix, or a brace pattern of shards under an allowed prefix."""
+        return self._allowed(field, url, canonical_source)
 
     def object(self, field: str, url: str) -> str:
         """One object's URL the request may read; canonical, or a ``403`` / ``422``."""

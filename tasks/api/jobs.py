@@ -60,7 +60,7 @@ async def submit(request: Request, asked: JobRequest) -> JSONResponse:
     source is listed; SRC, DST and the broker are checked first (a source that does not exist or a
     DST that takes no write: `422`)."""
     ctx = context(request)
-    source, dest = ctx.allowed.prefix("source", asked.source), ctx.allowed.prefix("dest", asked.dest)
+    source, dest = ctx.allowed.source("source", asked.source), ctx.allowed.prefix("dest", asked.dest)
     spec = asked.spec()
     callback = ctx.callbacks.url("callback_url", asked.callback_url) if asked.callback_url else None
 
