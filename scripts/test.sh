@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
-# The test command: set up .venv, make sure redis-server and rabbitmq-server exist (and chromium,
-# best effort, for the preview page's screenshot test), check the import contracts, run the engine
-# tests under the dependency floors (scripts/test-floor.sh, its own .venv-floor), then the whole
-# suite.
+# The test command: set up .venv, and .venv-img2dataset (img2dataset, which makes the shards of
+# tests/test_img2dataset.py; it needs a webdataset older than ours, hence its own environment),
+# make sure redis-server and rabbitmq-server exist (and chromium, best effort, for the preview
+# page's screenshot test), check the import contracts, run the engine tests under the dependency
+# floors (scripts/test-floor.sh, its own .venv-floor), then the whole suite.
 # The tests start their own redis-server, RabbitMQ node and S3 (moto) server on free ports; a
 # Redis or RabbitMQ already running on the default ports is left alone. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# img2dataset in its own environment (idempotent: reinstalls only when the pin below changes).
+IMG2DATASET=img2dataset==1.47.0
+img2dataset_stamp=.venv-img2dataset/.img2dataset-installed
+if [ ! -f "$img2dataset_stamp" ] || [ "$(cat "$img2dataset_stamp")" != "$IMG2DATASET" ]; then
+  [ -x .venv-img2dataset/bin/python ] || "${PYTHON:-python3}" -m venv .venv-img2dataset
+  .venv-img2dataset/bin/python -m pip install --quiet "$IMG2DATASET"
+  echo "$IMG2DATASET" >"$img2dataset_stamp"
+  echo "$IMG2DATASET installed in .venv-img2dataset" >&2
+fi
 SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
 apt_updated=
 apt_install() {
