@@ -229,7 +229,8 @@ def _run_shard_chunk(files: JobFiles, chunk: int, record: dict, key: str, contex
     chunk (its output shard was not written); one that is not a whole tar is recorded, its
     samples failed with the reason and byte offset."""
     source, spec = open_store(record["source"]), MaskSpec.from_dict(record["spec"])
-    result, errors = mask_shard_chunk(lifecycle.engine(), spec, source, key, files.dest, context)
+    result, errors = mask_shard_chunk(lifecycle.engine(), spec, source, key, files.dest, context,
+                                      image_column=record["shards"].get("image_column"))
     rows = list(result.rows())
     transient = [err for err in errors if _worth_retrying(err)]
     if transient:

@@ -165,3 +165,33 @@ def test_a_shard_that_storage_cut_off_runs_again_instead_of_failing(
     assert "chunk runs again in" in log and f"shard s3://{s3_bucket}/cc/00000.tar not done" in log, log
     assert (status["state"], status["succeeded"], status["failed"]) == ("finished", 2, 0), log
     assert list(read_shard(out / "00000.tar")) == list(content[0])
+
+
+def test_a_job_over_parquet_shards_reads_the_image_column_it_was_given(s3_bucket, job_env, start_worker):  # noqa: F811
+    import io
+
+    import pyarrow.parquet as pq
+
+    from tests.test_parquet import images, keyed_table, parquet_bytes
+
+    # Given two Parquet shards on S3 whose images are in a column named "photo"
+    s3, keys = boto3.client("s3"), {0: ["a0", "a1"], 1: ["b0", "b1", "b2"]}
+    for shard, names in keys.items():
+        table = keyed_table(images(len(names), seed=shard), names, column="photo")
+        s3.put_object(Bucket=s3_bucket, Key=f"pq/{shard:05d}.parquet", Body=parquet_bytes(table))
+    source = f"s3://{s3_bucket}/pq/{{00000..00001}}.parquet"
+    # When a job names that column, a worker masks it
+    worker = start_worker("parquet")
+    submitted = clipmask("submit", source, "--out", f"s3://{s3_bucket}/pq-masks/", "--prompt", "dog",
+                         "--image-column", "photo", env=job_env)
+    status = wait_for(job_of(submitted), job_env, timeout=120, worker=worker)
+    # Then every row is masked into an output Parquet of the same name, under the same keys
+    assert (status["succeeded"], status["failed"]) == (5, 0), status
+    for shard, names in keys.items():
+        body = s3.get_object(Bucket=s3_bucket, Key=f"pq-masks/{shard:05d}.parquet")["Body"].read()
+        assert pq.read_table(io.BytesIO(body)).column("key").to_pylist() == names
+    # And a column named for shards that are not Parquet is refused before anything is queued
+    s3.put_object(Bucket=s3_bucket, Key="tars/00000.tar", Body=tar_bytes(samples(0, count=1)))
+    refused = clipmask("submit", f"s3://{s3_bucket}/tars/{{00000..00000}}.tar", "--out",
+                       f"s3://{s3_bucket}/x/", "--prompt", "dog", "--image-column", "photo", env=job_env)
+    assert refused.returncode == 2 and "--image-column is for Parquet shards" in refused.stderr, refused.stderr

@@ -76,7 +76,7 @@ async def submit(request: Request, asked: JobRequest) -> JSONResponse:
 
         try:
             return submit_job(source, dest, spec, chunk_size=asked.chunk_size, skip_existing=asked.skip_existing,
-                              jobs=ctx.jobs, on_named=named)
+                              image_column=asked.image_column, jobs=ctx.jobs, on_named=named)
         except Exception as err:
             if handle.job_id:
                 _planning_failed(ctx, handle.job_id, source, dest, err)

@@ -56,7 +56,7 @@ class MaskOptions(BaseModel):
         """The ``MaskSpec``; a ``422`` naming the field for what only the spec can tell (a prompt
         of nothing but ``|``)."""
         options = self.model_dump(exclude={"prompt", "negative", "source", "dest", "chunk_size", "skip_existing",
-                                           "callback_url"})
+                                           "image_column", "callback_url"})
         if options["max_side"] is None:
             options["max_side"] = worker_settings.MAX_SIDE.get()
         options["outputs"] = tuple(options["outputs"])
@@ -107,6 +107,8 @@ class JobRequest(MaskOptions):
     dest: str = Field(description="URL prefix for the outputs and the job's records (dest/_jobs/<id>/)")
     chunk_size: int = Field(DEFAULT_CHUNK_SIZE, ge=1, description="images per task")
     skip_existing: bool = Field(False, description="mask only what is new or changed since its record")
+    image_column: str | None = Field(None, description="Parquet shards only: the column of image bytes "
+                                                       "(default: jpg, else image)")
 
 
 class Accepted(BaseModel):

@@ -97,7 +97,8 @@ def submit(args: argparse.Namespace, _extra: list[str]) -> int:
     try:
         with _ProgressBar("queued") as bar:
             job_id = submit_job(args.source, args.out, spec_from_args(args), chunk_size=args.chunk_size,
-                                skip_existing=args.skip_existing, on_named=named, on_chunk=bar.update)
+                                skip_existing=args.skip_existing, image_column=args.image_column, on_named=named,
+                                on_chunk=bar.update)
     except NothingNewError as err:
         print(f"clipmask submit: {err}", file=sys.stderr)
         return 0

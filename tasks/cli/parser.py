@@ -93,20 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", parents=[mask, engine], help="mask SRC into DST in this process, no broker")
     submit = commands.add_parser("submit", parents=[mask], help="queue a job for Celery workers; prints the job id")
     for sub in (run, submit):
-        sub.add_argument("source", metavar="SRC", help="s3://bucket/prefix or a local folder of images" + (
-            "; or of WebDataset .tar or Parquet shards, or a brace pattern of them: "
-            "s3://b/data/{00000..00099}.tar"
-            if sub is run else ""))
+        sub.add_argument("source", metavar="SRC", help="s3://bucket/prefix or a local folder of images; or of "
+                         "WebDataset .tar or Parquet shards, or a brace pattern of them: s3://b/data/{00000..00099}.tar")
         sub.add_argument("--out", required=True, metavar="DST", help="s3://bucket/prefix or a local folder")
+        sub.add_argument("--image-column", metavar="NAME",
+                         help="the column of Parquet shards that holds the image bytes, binary or a struct with a "
+                              "'bytes' field (default: jpg, else image)")
     run.add_argument("--output-format", choices=("files", "webdataset", "parquet"),
                      help="files: three files per image beside its relative path (the default, and the only "
                           "choice, for a folder of images); webdataset: one output .tar shard per input shard, each "
                           "sample's mask, raw mask and record in it; parquet: one output .parquet per input shard, "
                           "columns key, mask, raw (PNG bytes) and json (the record). Shards default to their "
                           "own format")
-    run.add_argument("--image-column", metavar="NAME",
-                     help="the column of Parquet shards that holds the image bytes, binary or a struct with a "
-                          "'bytes' field (default: jpg, else image)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log every image")
     submit.add_argument("--chunk-size", type=at_least(1), default=DEFAULT_CHUNK_SIZE,

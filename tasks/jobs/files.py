@@ -22,7 +22,7 @@ from typing import Iterator
 
 from storage import ObjectStore, open_store
 from storage.layout import chunk_of, job_keys, plan_key, results_key
-from tasks.shards.names import ShardSet
+from tasks.shards.names import SHARD_SUFFIX, ShardSet
 
 
 def dumps(record: dict) -> bytes:
@@ -129,10 +129,12 @@ class JobFiles:
 
 def shard_set(record: dict) -> ShardSet | None:
     """The shards of a job over WebDataset shards (its ``job.json`` has ``shards``: one chunk per
-    shard, the plan's keys shard keys under ``source``), else None."""
+    shard, the plan's keys shard keys under ``source``; ``suffix`` ``.tar`` or ``.parquet``), else
+    None."""
     if not record.get("shards"):
         return None
-    return ShardSet(open_store(record["source"]), record["shards"].get("pattern"))
+    shards = record["shards"]
+    return ShardSet(open_store(record["source"]), shards.get("pattern"), shards.get("suffix", SHARD_SUFFIX))
 
 
 def count_statuses(lines: bytes) -> dict[str, int]:

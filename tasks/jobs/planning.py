@@ -22,6 +22,7 @@ from tasks.jobs.listing import chunked, image_keys, no_images
 from tasks.jobs.preflight import check_writable, shard_source
 from tasks.jobs.queue import check_broker, default_queue, producer, send_chunk, send_finish
 from tasks.jobs.readahead import ordered_map
+from tasks.shards.names import PARQUET_SUFFIX
 from worker.spec import MaskSpec
 
 log = logging.getLogger(__name__)
@@ -34,19 +35,22 @@ INDEX_EVERY_S = 0.05
 
 
 def submit_job(source_url: str, dest_url: str, spec: MaskSpec, *, chunk_size: int = settings.DEFAULT_CHUNK_SIZE,
-               skip_existing: bool = False, jobs: JobIndex | None = None,
+               skip_existing: bool = False, image_column: str | None = None, jobs: JobIndex | None = None,
                on_named: Callable[[str], None] | None = None,
                on_chunk: Callable[[int], None] | None = None) -> str:
     """Record a job, plan and queue its chunks, and return its id.
 
     ``on_named(job_id)`` is called before anything is listed; ``on_chunk(n)`` as each chunk of
     ``n`` keys is queued. A SRC that names WebDataset shards (``tasks.shards.names``) plans one
-    chunk per shard, whatever ``chunk_size``. Raises ``NoImagesError`` before recording anything if the source has
+    chunk per shard, whatever ``chunk_size``; ``image_column`` names Parquet shards' image column
+    (``clipmask run``'s ``--image-column``). Raises ``NoImagesError`` before recording anything if the source has
     no images, ``UsageError`` for a bad chunk size, ``ValueError`` for a bad URL.
     """
     if chunk_size < 1:
         raise UsageError(f"--chunk-size must be at least 1, got {chunk_size}")
     shards = shard_source(source_url)
+    if image_column is not None and not (shards and shards.suffix == PARQUET_SUFFIX):
+        raise UsageError(f"--image-column is for Parquet shards; SRC {source_url} holds none: leave it out")
     source, dest = shards.store if shards else open_store(source_url), open_store(dest_url)
     check_broker()  # before the probe under DST: nothing written for a job that cannot be queued
     check_writable(dest)
@@ -66,7 +70,7 @@ def submit_job(source_url: str, dest_url: str, spec: MaskSpec, *, chunk_size: in
               "skip_existing": skip_existing, "chunk_size": 1 if shards else chunk_size, "created_at": now_iso(),
               "window": settings.JOB_WINDOW.get(), "queue": default_queue()}
     if shards:  # a shard is a chunk: its plan holds the shard's key, its results a row per sample
-        record["shards"] = {"pattern": shards.pattern}
+        record["shards"] = {"pattern": shards.pattern, "suffix": shards.suffix, "image_column": image_column}
     if scan:  # the plan holds only what is new or changed: workers mask every key of it
         record["planned_new"] = True
     files = JobFiles(dest, job_id)
