@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-
 from tqdm import tqdm
 
 from storage import ObjectStore
@@ -15,6 +11,7 @@ from tasks.jobs.index import new_job_id, now_iso
 from tasks.jobs.listing import image_keys
 from tasks.jobs.manifest import CountingLines, write_summary
 from tasks.jobs.preflight import ImageCount
+from tasks.jobs.readahead import ordered_map
 from tasks.pipeline.shards import ShardResult, mask_shard
 from tasks.pipeline.stream import Pipeline
 from tasks.shards.formats import output_key
@@ -79,8 +76,7 @@ def run_local_shards(shards: ShardSet, dest: ObjectStore, spec: MaskSpec, engine
     record = {"source": shards.store.url, "dest": dest.url, "spec": spec.to_dict(), "created_at": now_iso()}
     files, counter = JobFiles(dest, run_id), CountingLines()
     scan = ShardScan(shards, dest, output_key=lambda key: output_key(key, output_format)) if skip_existing else None
-    with tqdm(unit="img", disable=not progress, dynamic_ncols=True) as bar, \
-            ThreadPoolExecutor(SHARDS_IN_FLIGHT, thread_name_prefix="clipmask-shard") as pool:
+    with tqdm(unit="img", disable=not progress, dynamic_ncols=True) as bar:
         def mask(key: str) -> ShardResult:
             result = mask_shard(engine, spec, shards.store, key, dest, output_key(key, output_format),
                                 f"run {run_id} {key}", image_column=image_column)
@@ -88,11 +84,7 @@ def run_local_shards(shards: ShardSet, dest: ObjectStore, spec: MaskSpec, engine
             return result
 
         def rows():
-            keys = scan.keys() if scan else shards.keys()
-            started = deque(pool.submit(mask, key) for key in itertools.islice(keys, SHARDS_IN_FLIGHT))
-            while started:
-                result = started.popleft().result()
-                started.extend(pool.submit(mask, key) for key in itertools.islice(keys, 1))
+            for result in ordered_map(mask, scan.keys() if scan else shards.keys(), SHARDS_IN_FLIGHT):
                 yield from result.rows()
                 bar.set_postfix(counter.counts, refresh=False)
 
