@@ -31,7 +31,7 @@ from storage.base import check_key
 from tasks import settings
 from tasks.api.problems import Problem, invalid_field
 from tasks.errors import UsageError
-from tasks.shards.names import expand_braces, is_brace_pattern
+from tasks.shards.names import expand_braces, is_brace_pattern, split_pattern
 
 
 def read_tokens(raw: str | None) -> tuple[str, ...]:
@@ -123,14 +123,13 @@ def canonical_source(url: str) -> str:
     one that names a folder above its own (a ``..`` in any shard it expands to)."""
     if not is_brace_pattern(url):
         return canonical_prefix(url)
-    cut = url[:url.index("{")].rfind("/") + 1
-    pattern = url[cut:]
+    folder, pattern = split_pattern(url)
     named = list(itertools.islice(expand_braces(pattern), MAX_PATTERN_SHARDS + 1))
     if len(named) > MAX_PATTERN_SHARDS:
         raise ValueError(f"a brace pattern may name {MAX_PATTERN_SHARDS:,} shards at most: {url}")
     if any(key.startswith("/") or ".." in key.split("/") for key in named):
         raise ValueError(f"a brace pattern may not name a parent folder ('..'): {url}")
-    return canonical_prefix(url[:cut]) + pattern
+    return canonical_prefix(folder) + pattern
 
 
 def canonical_object(url: str) -> str:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from storage import Listed, ObjectStore
 from storage.layout import METADATA_SUFFIX, is_image_key
 from tasks.jobs.listing import only_images
-from tasks.shards.names import PARQUET_SUFFIX, SHARD_SUFFIX, ShardSet
+from tasks.shards.names import PARQUET_SUFFIX, SHARD_SUFFIX, ShardSet, is_brace_pattern, split_pattern
 
 #: The extensions of output shards, whatever their format.
 SHARD_SUFFIXES = (SHARD_SUFFIX, PARQUET_SUFFIX)
@@ -127,9 +127,7 @@ class ShardScan:
 def shard_head(shards: ShardSet) -> str:
     """The fixed part of a brace pattern before its first group, the folder of its shards: where
     to list them ("" without a pattern)."""
-    pattern = shards.pattern or ""
-    head = pattern[:pattern.index("{")] if "{" in pattern else ""
-    return head[:head.rfind("/") + 1]
+    return split_pattern(shards.pattern)[0] if shards.pattern and is_brace_pattern(shards.pattern) else ""
 
 
 def shard_keys(shards: ShardSet, after: str | None = None) -> Iterator[str]:

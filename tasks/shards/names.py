@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from storage import ObjectStore, open_store
 from storage.layout import is_image_key, is_output_key
 
-__all__ = ["PARQUET_SUFFIX", "SHARD_SUFFIX", "ShardSet", "expand_braces", "find_shards", "is_brace_pattern"]
+__all__ = ["PARQUET_SUFFIX", "SHARD_SUFFIX", "ShardSet", "expand_braces", "find_shards", "is_brace_pattern",
+           "split_pattern"]
 
 SHARD_SUFFIX = ".tar"
 PARQUET_SUFFIX = ".parquet"
@@ -54,18 +55,23 @@ def is_brace_pattern(url: str) -> bool:
     return _GROUP.search(str(url)) is not None
 
 
+def split_pattern(url: str) -> tuple[str, str]:
+    """A brace pattern split at the last "/" before its first brace: the folder (with its "/",
+    "" when there is none) and the pattern of keys below it."""
+    cut = url[:url.index("{")].rfind("/") + 1
+    return url[:cut], url[cut:]
+
+
 def find_shards(url: str) -> ShardSet | None:
     """The shards ``url`` names, or None for a folder of images (or of nothing: the caller says
     so). A brace pattern is split at the last "/" before its first brace: the store is what comes
     before, the pattern the keys below it. Raises ValueError for a malformed URL or pattern."""
     url = str(url)
     if is_brace_pattern(url):
-        head = url[:url.index("{")]
-        cut = head.rfind("/") + 1
-        pattern = url[cut:]
+        folder, pattern = split_pattern(url)
         next(expand_braces(pattern), None)  # a malformed group is reported now, not mid-run
         suffix = PARQUET_SUFFIX if pattern.endswith(PARQUET_SUFFIX) else SHARD_SUFFIX
-        return ShardSet(open_store(url[:cut] or "."), pattern, suffix)
+        return ShardSet(open_store(folder or "."), pattern, suffix)
     store = open_store(url)
     for key in store.list():
         if is_output_key(key):
