@@ -55,14 +55,13 @@ def _run_shards(args: argparse.Namespace, spec, shards) -> int:
 def _check_output_format(args: argparse.Namespace, shards) -> None:
     """``--output-format`` and ``--image-column`` fit SRC: shards in, shards out; an image column
     for Parquet shards only."""
-    from tasks.shards.names import PARQUET_SUFFIX
+    from tasks.shards.names import check_image_column
 
     sharded = shards is not None
     if sharded and args.output_format == "files":
         raise UsageError(f"SRC {args.source} holds shards, which are written as shards: leave out "
                          "--output-format or pass --output-format webdataset or parquet")
-    if args.image_column is not None and not (sharded and shards.suffix == PARQUET_SUFFIX):
-        raise UsageError(f"--image-column is for Parquet shards; SRC {args.source} holds none: leave it out")
+    check_image_column(shards, args.image_column, args.source)
     if not sharded and args.output_format in ("webdataset", "parquet"):
         raise UsageError(f"--output-format {args.output_format} needs WebDataset shards (.tar) or Parquet shards "
                          f"(.parquet) in SRC, or a brace pattern such as s3://bucket/data/{{00000..00099}}.tar; "

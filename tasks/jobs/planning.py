@@ -22,7 +22,7 @@ from tasks.jobs.listing import chunked, image_keys, no_images
 from tasks.jobs.preflight import check_writable, shard_source
 from tasks.jobs.queue import check_broker, default_queue, producer, send_chunk, send_finish
 from tasks.jobs.readahead import ordered_map
-from tasks.shards.names import PARQUET_SUFFIX
+from tasks.shards.names import check_image_column
 from worker.spec import MaskSpec
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,7 @@ def submit_job(source_url: str, dest_url: str, spec: MaskSpec, *, chunk_size: in
     if chunk_size < 1:
         raise UsageError(f"--chunk-size must be at least 1, got {chunk_size}")
     shards = shard_source(source_url)
-    if image_column is not None and not (shards and shards.suffix == PARQUET_SUFFIX):
-        raise UsageError(f"--image-column is for Parquet shards; SRC {source_url} holds none: leave it out")
+    check_image_column(shards, image_column, source_url)
     source, dest = shards.store if shards else open_store(source_url), open_store(dest_url)
     check_broker()  # before the probe under DST: nothing written for a job that cannot be queued
     check_writable(dest)

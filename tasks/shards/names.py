@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 from storage import ObjectStore, open_store
 from storage.layout import is_image_key, is_output_key
+from tasks.errors import UsageError
 
-__all__ = ["PARQUET_SUFFIX", "SHARD_SUFFIX", "ShardSet", "expand_braces", "find_shards", "is_brace_pattern",
-           "split_pattern"]
+__all__ = ["PARQUET_SUFFIX", "SHARD_SUFFIX", "ShardSet", "check_image_column", "expand_braces", "find_shards",
+           "is_brace_pattern", "split_pattern"]
 
 SHARD_SUFFIX = ".tar"
 PARQUET_SUFFIX = ".parquet"
@@ -48,6 +49,12 @@ class ShardSet:
 
     def url_for(self, key: str) -> str:
         return self.store.url_for(key)
+
+
+def check_image_column(shards: ShardSet | None, image_column: str | None, source_url: str) -> None:
+    """``--image-column`` is for Parquet shards: a ``UsageError`` when it is given for any other SRC."""
+    if image_column is not None and not (shards is not None and shards.suffix == PARQUET_SUFFIX):
+        raise UsageError(f"--image-column is for Parquet shards; SRC {source_url} holds none: leave it out")
 
 
 def is_brace_pattern(url: str) -> bool:
