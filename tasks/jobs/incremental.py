@@ -21,10 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from storage import Listed, ObjectStore
 from storage.layout import METADATA_SUFFIX, is_image_key
 from tasks.jobs.listing import only_images
-from tasks.shards.names import PARQUET_SUFFIX, SHARD_SUFFIX, ShardSet, is_brace_pattern, split_pattern
-
-#: The extensions of output shards, whatever their format.
-SHARD_SUFFIXES = (SHARD_SUFFIX, PARQUET_SUFFIX)
+from tasks.shards.names import SHARD_SUFFIXES, ShardSet, is_brace_pattern, split_pattern
 
 
 def record_order(keys: Iterable[str], suffix: str = METADATA_SUFFIX) -> Iterator[str]:

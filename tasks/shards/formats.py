@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from typing import BinaryIO
 
+from tasks.shards.names import PARQUET_SUFFIX, SHARD_SUFFIX
 from tasks.shards.parquet import ParquetReader, ParquetShardWriter
 from tasks.shards.tar import ShardReader, ShardWriter
 
 __all__ = ["FORMATS", "OUTPUT_MEMBERS", "content_type", "open_reader", "open_writer", "output_key", "shard_format"]
 
 #: ``--output-format`` of a shard source, and the extension of its shards.
-FORMATS = {"webdataset": ".tar", "parquet": ".parquet"}
+FORMATS = {"webdataset": SHARD_SUFFIX, "parquet": PARQUET_SUFFIX}
 #: The output members of a tar sample, in the order they are written: role, name suffix.
 OUTPUT_MEMBERS = (("mask", ".mask.png"), ("raw", ".raw.png"), ("metadata", ".json"))
 _CONTENT_TYPES = {"webdataset": "application/x-tar", "parquet": "application/vnd.apache.parquet"}

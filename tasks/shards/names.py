@@ -21,11 +21,13 @@ from storage import ObjectStore, open_store
 from storage.layout import is_image_key, is_output_key
 from tasks.errors import UsageError
 
-__all__ = ["PARQUET_SUFFIX", "SHARD_SUFFIX", "ShardSet", "check_image_column", "expand_braces", "find_shards",
-           "is_brace_pattern", "split_pattern"]
+__all__ = ["PARQUET_SUFFIX", "SHARD_SUFFIX", "SHARD_SUFFIXES", "ShardSet", "check_image_column", "expand_braces",
+           "find_shards", "is_brace_pattern", "split_pattern"]
 
 SHARD_SUFFIX = ".tar"
 PARQUET_SUFFIX = ".parquet"
+#: The extensions of shards, whatever their format.
+SHARD_SUFFIXES = (SHARD_SUFFIX, PARQUET_SUFFIX)
 #: One brace group: ``{00000..01242}`` (a range of whole numbers) or ``{a,b,c}`` (alternatives).
 _GROUP = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
