@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.errors import ShardFormatError
-from tasks.shards.tar import Sample
+from tasks.shards.tar import ByteSink, Sample
 
 __all__ = ["IMAGE_COLUMNS", "ParquetReader", "ParquetShardWriter"]
 
@@ -162,7 +162,7 @@ class ParquetShardWriter:
         self._schema = pa.schema(fields + [pa.field("json", pa.string())])
         self._rows: list[dict] = []
         self._rows_per_group = rows_per_group
-        self._sink = _Sink()
+        self._sink = ByteSink()
         self._writer = pq.ParquetWriter(self._sink, self._schema)
 
     def add(self, key: str, blobs: dict[str, bytes]) -> None:
@@ -184,30 +184,3 @@ class ParquetShardWriter:
         if self._rows:
             self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self._schema))
             self._rows = []
-
-
-class _Sink:
-    """What pyarrow writes to: the bytes kept until ``take``, the position counted."""
-
-    closed = False
-
-    def __init__(self) -> None:
-        self._ready, self._position = bytearray(), 0
-
-    def write(self, data) -> int:
-        self._ready += data
-        self._position += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self._position
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.closed = True
-
-    def take(self) -> bytes:
-        ready, self._ready = bytes(self._ready), bytearray()
-        return ready

@@ -30,7 +30,7 @@ from typing import BinaryIO
 
 from tasks.errors import ShardFormatError
 
-__all__ = ["IMAGE_EXTENSIONS", "Sample", "ShardReader", "ShardWriter", "sample_key"]
+__all__ = ["IMAGE_EXTENSIONS", "ByteSink", "Sample", "ShardReader", "ShardWriter", "sample_key"]
 
 #: Extensions (after the key's dot, lower case) of a sample's image member.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -158,19 +158,43 @@ class _Counted(io.RawIOBase):
         return len(data)
 
 
+class ByteSink:
+    """What a shard writer (tarfile, pyarrow) writes to: the bytes kept until ``take``, the
+    position counted, so that the shard goes out as a stream."""
+
+    closed = False
+
+    def __init__(self) -> None:
+        self._ready, self._position = bytearray(), 0
+
+    def write(self, data) -> int:
+        self._ready += data
+        self._position += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._position
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    def take(self) -> bytes:
+        ready, self._ready = bytes(self._ready), bytearray()
+        return ready
+
+
 class ShardWriter:
     """An output shard as tar bytes, sample by sample: ``add`` a sample's members, then ``take``
     the bytes ready so far (a tar record, 10 KiB, may wait for the next); ``close`` writes the
     end-of-archive blocks and returns the last bytes. Members get ``mtime`` and mode 0444."""
 
     def __init__(self, mtime: float) -> None:
-        self._ready = bytearray()
+        self._sink = ByteSink()
         self._mtime = int(mtime)
-        self._tar = tarfile.open(fileobj=self, mode="w|", format=tarfile.PAX_FORMAT)
-
-    def write(self, data: bytes) -> int:  # what tarfile writes to
-        self._ready += data
-        return len(data)
+        self._tar = tarfile.open(fileobj=self._sink, mode="w|", format=tarfile.PAX_FORMAT)
 
     def add(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
@@ -178,8 +202,7 @@ class ShardWriter:
         self._tar.addfile(info, io.BytesIO(data))
 
     def take(self) -> bytes:
-        ready, self._ready = bytes(self._ready), bytearray()
-        return ready
+        return self._sink.take()
 
     def close(self) -> bytes:
         self._tar.close()
