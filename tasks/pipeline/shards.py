@@ -12,9 +12,11 @@ sample is appended to the output shard. The output shard is written as one strea
 and appears only once whole: a shard that fails leaves no output shard (an old one stays).
 
 A sample whose image fails (corrupt, or none in the sample) fails alone and is left out of the
-output shard. A shard that cannot be read whole (cut off, a corrupt header, storage failing)
-fails as a whole: the samples read before the fault fail with its reason and byte offset, or, if
-none was, one outcome without a key says so.
+output shard. A sample its shard says holds no image (``Sample.left_out``: a Parquet row
+img2dataset could not fetch) is not masked: it is ``skipped``, with that reason, in its place.
+A shard that cannot be read whole (cut off, a corrupt header, storage failing) fails as a whole:
+the samples read before the fault fail with its reason and byte offset, or, if none was, one
+outcome without a key says so.
 """
 
 from __future__ import annotations
@@ -84,9 +86,11 @@ def _shard_chunks(outcomes: Iterator[Outcome], collected: "_Collected", feed: "_
         blobs = collected.take(outcome.key)
         if outcome.status == "succeeded":
             writer.add(outcome.key, blobs)
+        result.outcomes.extend(feed.left_out_before(outcome.key))
         result.outcomes.append(outcome)
         if chunk := writer.take():
             yield chunk
+    result.outcomes.extend(feed.left_out_before(None))
     if feed.error:
         raise _ShardUnreadable(feed.error)
     yield writer.close()
@@ -104,6 +108,8 @@ def _shard_failed(result: ShardResult, reason: str) -> None:
         result.outcomes.append(Outcome(None, result.shard, "failed", error=reason))
         return
     for outcome in result.outcomes:
+        if outcome.status == "skipped":  # never to be masked: the shard's fault changes nothing
+            continue
         if outcome.status == "succeeded":
             outcome.outputs, outcome.metadata = None, None
         outcome.status, outcome.error = "failed", outcome.error or f"shard not written: {reason}"
@@ -117,12 +123,24 @@ class _Feed:
     """The sample keys of one input shard, read from its stream as the pipeline asks for them;
     each sample's image put into ``members`` first. A fault ends the keys and is kept in
     ``error`` (with the byte offset) rather than raised through the pipeline, so that the
-    samples already in flight finish."""
+    samples already in flight finish. A sample left out (``Sample.left_out``) is not given to the
+    pipeline: its ``skipped`` outcome waits until the outcome of the next sample given comes
+    (``left_out_before``), so that the outcomes stay in shard order."""
 
     def __init__(self, source: ObjectStore, key: str, members: "_Members", image_column: str | None) -> None:
         self._source, self._key, self._members = source, key, members
         self._image_column = image_column
         self.error: str | None = None
+        self._left_out: list[Outcome] = []  # since the last sample given
+        self._before: dict[str | None, list[Outcome]] = {}  # by the key of the sample given next
+
+    def left_out_before(self, key: str | None) -> list[Outcome]:
+        """The skipped outcomes of the samples left out just before the sample ``key`` (None: after
+        the last sample given; only once the keys are all read)."""
+        if key is None:
+            left, self._left_out = self._left_out, []
+            return left
+        return self._before.pop(key, [])
 
     def keys(self) -> Iterator[str]:
         reader = None
@@ -136,6 +154,12 @@ class _Feed:
                                     self._source.url_for(self._key), sample.key)
                         continue
                     seen.add(sample.key)
+                    if sample.left_out:
+                        self._left_out.append(Outcome(sample.key, self._members.url_for(sample.key), "skipped",
+                                                      error=sample.left_out))
+                        continue
+                    if self._left_out:
+                        self._before[sample.key], self._left_out = self._left_out, []
                     self._members.put(sample)
                     yield sample.key
         except ShardFormatError as err:

@@ -9,7 +9,10 @@ decoded from one row group), never the file; the disk holds the file until the s
 A sample is a row: its key from a ``key`` column when the file has one (img2dataset's), else the
 row's index zero-padded to ``ROW_KEY_WIDTH`` digits (as webdataset keys are); its image from the
 image column, ``jpg`` or else ``image`` unless one is named: binary, or a struct with a ``bytes``
-field as Hugging Face datasets store an image. A row without image bytes fails alone.
+field as Hugging Face datasets store an image. A row without image bytes fails alone, unless
+the file says why it has none: img2dataset keeps a row for each URL it could not fetch, with its
+``status`` (``failed_to_download``, ...) and ``error_message``; such a row is left out
+(``Sample.left_out``: skipped, with that reason), as img2dataset's own tar shards leave it out.
 
 Writing: ``ParquetShardWriter`` writes columns ``key``, ``mask`` and ``raw`` (PNG bytes, as
 ``--outputs`` asks) and ``json`` (the metadata record as text), a row group every
@@ -36,6 +39,8 @@ __all__ = ["IMAGE_COLUMNS", "ParquetReader", "ParquetShardWriter"]
 IMAGE_COLUMNS = ("jpg", "image")
 #: The column that names a row's sample, when the file has it (img2dataset writes it).
 KEY_COLUMN = "key"
+#: img2dataset's columns saying whether a row's image was fetched, and why not.
+STATUS_COLUMN, STATUS_OK, ERROR_COLUMN = "status", "success", "error_message"
 #: Digits of a key made from a row's index: img2dataset's keys are 9 digits (shard and row).
 ROW_KEY_WIDTH = 9
 #: Rows decoded at a time from a row group: the images held in memory while reading.
@@ -60,13 +65,15 @@ class ParquetReader:
         with self._seekable() as file:
             parquet = self._open(file)
             column = _image_column(parquet.schema_arrow, self._column)
-            keyed = KEY_COLUMN in parquet.schema_arrow.names and KEY_COLUMN != column
+            extra = _extra_columns(parquet.schema_arrow, column)
             row = 0
             for group in range(parquet.num_row_groups):
                 self.offset = _group_offset(parquet.metadata.row_group(group))
-                for key, data, problem in self._rows(parquet, group, column, keyed):
-                    key = key if key is not None else f"{row:0{ROW_KEY_WIDTH}d}"
-                    yield Sample(key, self.offset, column if data is not None else None, data, [column], problem)
+                for data, problem, values in self._rows(parquet, group, column, extra):
+                    key = values.get(KEY_COLUMN)
+                    key = str(key) if key is not None else f"{row:0{ROW_KEY_WIDTH}d}"
+                    yield Sample(key, self.offset, column if data is not None else None, data, [column], problem,
+                                 _left_out(values) if data is None else None)
                     row += 1
 
     @contextmanager
@@ -91,17 +98,34 @@ class ParquetReader:
             raise ShardFormatError(f"not a whole Parquet file ({size} bytes; cut off, or not Parquet): {err}",
                                    size) from err
 
-    def _rows(self, parquet: pq.ParquetFile, group: int, column: str, keyed: bool) -> Iterator[tuple]:
-        columns = [column, KEY_COLUMN] if keyed else [column]
+    def _rows(self, parquet: pq.ParquetFile, group: int, column: str, extra: list[str]) -> Iterator[tuple]:
+        """``(image bytes or None, why none, {extra column: value})`` for each row of ``group``."""
         try:
-            for batch in parquet.iter_batches(BATCH_ROWS, row_groups=[group], columns=columns):
+            for batch in parquet.iter_batches(BATCH_ROWS, row_groups=[group], columns=[column, *extra]):
                 images = _image_values(batch.column(0), column)
-                keys = batch.column(1).to_pylist() if keyed else [None] * len(images)
-                for key, (data, problem) in zip(keys, images):
-                    yield (str(key) if key is not None else None), data, problem
+                values = {name: batch.column(i + 1).to_pylist() for i, name in enumerate(extra)}
+                for i, (data, problem) in enumerate(images):
+                    yield data, problem, {name: found[i] for name, found in values.items()}
         except pa.ArrowException as err:
             raise ShardFormatError(f"corrupt Parquet: row group {group} of {parquet.num_row_groups} (at byte "
                                    f"{self.offset}) cannot be read: {err}", self.offset) from err
+
+
+def _extra_columns(schema: pa.Schema, image_column: str) -> list[str]:
+    """The columns read beside the images: the key, and img2dataset's status and error where the
+    file has them as text."""
+    wanted = [KEY_COLUMN] + [name for name in (STATUS_COLUMN, ERROR_COLUMN)
+                             if name in schema.names and pa.types.is_string(schema.field(name).type)]
+    return [name for name in wanted if name in schema.names and name != image_column]
+
+
+def _left_out(values: dict) -> str | None:
+    """Why a row without an image is left out, when the file says its image was never fetched."""
+    status = values.get(STATUS_COLUMN)
+    if status is None or status == STATUS_OK:
+        return None
+    error = values.get(ERROR_COLUMN)
+    return f"not fetched by the shard's maker (status {status!r}" + (f": {error})" if error else ")")
 
 
 def _can_seek(stream: BinaryIO) -> bool:

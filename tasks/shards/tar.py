@@ -48,7 +48,8 @@ def sample_key(name: str) -> tuple[str, str]:
 class Sample:
     """One sample of a shard: its key, the name and bytes of its image member (None without
     one), and the byte offset of its first member's header (a Parquet row's: its row group's).
-    ``problem`` says why a sample has no image where the reader knows better than its members."""
+    ``problem`` says why a sample has no image where the reader knows better than its members;
+    ``left_out`` why a sample is not to be masked at all (its maker says it holds no image)."""
 
     key: str
     offset: int
@@ -56,6 +57,7 @@ class Sample:
     data: bytes | None = None
     members: list[str] = field(default_factory=list)
     problem: str | None = None
+    left_out: str | None = None
 
 
 class ShardReader:
