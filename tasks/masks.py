@@ -198,7 +198,7 @@ def _run_chunk(task, jobs: JobIndex, files: JobFiles, chunk: int, size: int, con
     except FileNotFoundError as err:  # both written before the chunk was queued: DST is not what it was
         raise StorageUnavailableError(f"{missing_marker(files.dest, files.keys['job'])}: {err}") from err
     if record.get("shards"):
-        return _run_shard_chunk(files, chunk, record, keys[0], context, state)
+        return _run_shard_chunk(files, chunk, record, keys[0], context, state, _deadline(task))
     kept = state.kept_for(len(keys))
     source, spec = open_store(record["source"]), MaskSpec.from_dict(record["spec"])
     marker = None if files.dest.networked else files.keys["job"]  # a local DST: still the job's folder?
@@ -222,15 +222,16 @@ def _run_chunk(task, jobs: JobIndex, files: JobFiles, chunk: int, size: int, con
     return dict(Counter(outcome.status for outcome in outcomes))
 
 
-def _run_shard_chunk(files: JobFiles, chunk: int, record: dict, key: str, context: str, state: RetryState) -> dict:
+def _run_shard_chunk(files: JobFiles, chunk: int, record: dict, key: str, context: str, state: RetryState,
+                     deadline: float | None) -> dict:
     """A chunk that is one WebDataset shard: masked into the output shard of the same key
     (``mask_shard``), its samples' rows the chunk's results. A shard that failed because storage
     did (away, not answering, a request that failed) runs again whole, within the budgets of any
-    chunk (its output shard was not written); one that is not a whole tar is recorded, its
-    samples failed with the reason and byte offset."""
+    chunk (its output shard was not written); one that is not a whole tar, or that the task's
+    time limit (``deadline``) ended, is recorded, its samples failed with the reason."""
     source, spec = open_store(record["source"]), MaskSpec.from_dict(record["spec"])
     result, errors = mask_shard_chunk(lifecycle.engine(), spec, source, key, files.dest, context,
-                                      image_column=record["shards"].get("image_column"))
+                                      image_column=record["shards"].get("image_column"), deadline=deadline)
     rows = list(result.rows())
     transient = [err for err in errors if _worth_retrying(err)]
     if transient:

@@ -6,17 +6,21 @@ import io
 import json
 import os
 import tarfile
+import time
 
 import boto3
 import pytest
 import webdataset as wds
 from PIL import Image
 
+from storage import open_store
 from tasks.errors import ShardFormatError
+from tasks.pipeline.shards import mask_shard
 from tasks.shards.names import expand_braces
 from tasks.shards.tar import ShardReader
 from tests.images import encoded, noise_image
 from tests.processes import clipmask
+from worker.spec import MaskSpec
 
 OPTIONS = ["--prompt", "dog", "--device", "cpu", "--batch-size", "1", "--quiet"]
 
@@ -98,6 +102,25 @@ def test_a_corrupt_header_is_an_error_with_its_offset():
     data[at:at + 512] = b"\x07" * 512
     with pytest.raises(ShardFormatError, match=f"corrupt tar: unreadable header at byte {at}"):
         list(ShardReader(io.BytesIO(bytes(data))).samples())
+
+
+def test_a_shard_past_its_tasks_time_limit_fails_unwritten_and_says_how_to_fix_it(tmp_path, engine):
+    # Given a shard, masked once within its time and once with the time limit already passed
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "00000.tar").write_bytes(tar_bytes(samples(0)))
+    source, spec = open_store(str(tmp_path / "in")), MaskSpec.from_text("dog")
+    in_time = mask_shard(engine, spec, source, "00000.tar", open_store(str(tmp_path / "ok")),
+                         deadline=time.monotonic() + 600)
+    late = mask_shard(engine, spec, source, "00000.tar", open_store(str(tmp_path / "late")),
+                      deadline=time.monotonic() - 1)
+    # Then the first is written whole
+    assert in_time.error is None and [o.status for o in in_time.outcomes] == ["succeeded"] * 3
+    assert list(read_shard(tmp_path / "ok" / "00000.tar")) == list(samples(0))
+    # And the second leaves no output shard, its rows failed with the limit and what to change
+    assert late.error is not None and late.error.startswith("time limit reached"), late.error
+    assert "CLIPMASK_TASK_TIME_LIMIT" in late.error and "smaller shards" in late.error
+    assert not (tmp_path / "late" / "00000.tar").exists()
+    assert {row["status"] for row in late.rows()} == {"failed"}
 
 
 def test_brace_patterns_expand_as_webdataset_writes_them():

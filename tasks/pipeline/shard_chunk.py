@@ -22,13 +22,15 @@ __all__ = ["mask_shard_chunk"]
 
 
 def mask_shard_chunk(engine: MaskEngine, spec: MaskSpec, source: ObjectStore, key: str, dest: ObjectStore,
-                     context: str = "", image_column: str | None = None) -> tuple[ShardResult, list[BaseException]]:
+                     context: str = "", image_column: str | None = None,
+                     deadline: float | None = None) -> tuple[ShardResult, list[BaseException]]:
     """Mask the shard ``key`` of ``source`` into the shard of the same key in ``dest`` (a Parquet
-    shard's images from ``image_column``); returns its result and, when the shard failed, the
-    errors that storage raised meanwhile (in order)."""
+    shard's images from ``image_column``; failed, unwritten, past ``deadline``: the task's soft
+    time limit); returns its result and, when the shard failed, the errors that storage raised
+    meanwhile (in order)."""
     watched_source, watched_dest = _Watched(source), _Watched(dest)
     result = mask_shard(engine, spec, watched_source, key, watched_dest, context=context,  # type: ignore[arg-type]
-                        image_column=image_column)
+                        image_column=image_column, deadline=deadline)
     return result, (watched_source.errors + watched_dest.errors if result.error is not None else [])
 
 

@@ -35,7 +35,10 @@ from tasks.shards.tar import IMAGE_EXTENSIONS
 from worker.engine import MaskEngine
 from worker.spec import MaskSpec
 
-__all__ = ["ShardResult", "mask_shard"]
+__all__ = ["TIME_LIMIT", "ShardResult", "mask_shard"]
+
+#: How the reason of a shard that passed its deadline begins.
+TIME_LIMIT = "time limit reached"
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +60,14 @@ class ShardResult:
 
 
 def mask_shard(engine: MaskEngine, spec: MaskSpec, source: ObjectStore, key: str, dest: ObjectStore,
-               out_key: str | None = None, context: str = "", *, image_column: str | None = None) -> ShardResult:
+               out_key: str | None = None, context: str = "", *, image_column: str | None = None,
+               deadline: float | None = None) -> ShardResult:
     """Mask the shard ``key`` of ``source`` into the shard ``out_key`` (default: the same key)
     of ``dest``, each in the format its extension says (``.parquet``, else a tar);
     ``image_column`` names a Parquet shard's image column (default ``jpg``, else ``image``).
-    Never raises for the shard's content or for storage: a failure is in the result."""
+    ``deadline`` (a ``time.monotonic()`` value: a task's soft time limit) fails the shard, unwritten,
+    at the first sample that ends past it. Never raises for the shard's content or for storage:
+    a failure is in the result."""
     out_key = out_key or key
     result = ShardResult(source.url_for(key))
     members, collected = _Members(result.shard), _Collected(dest.url_for(out_key))
@@ -69,20 +75,24 @@ def mask_shard(engine: MaskEngine, spec: MaskSpec, source: ObjectStore, key: str
     feed = _Feed(source, key, members, image_column)
     writer = open_writer(out_key, spec.outputs, time.time())
     try:
-        dest.write_stream(out_key, _shard_chunks(pipeline.run(feed.keys()), collected, feed, result, writer),
-                          content_type(out_key))
+        dest.write_stream(out_key, _shard_chunks(pipeline.run(feed.keys()), collected, feed, result, writer,
+                                                 deadline), content_type(out_key))
         result.output = dest.url_for(out_key)
     except Exception as err:  # noqa: BLE001 - whatever it is, it fails this shard alone
-        _shard_failed(result, feed.error or _reason(err))
+        _shard_failed(result, str(err) if isinstance(err, _ShardUnreadable) else feed.error or _reason(err))
     return result
 
 
 def _shard_chunks(outcomes: Iterator[Outcome], collected: "_Collected", feed: "_Feed", result: ShardResult,
-                  writer) -> Iterator[bytes]:
+                  writer, deadline: float | None) -> Iterator[bytes]:
     """The output shard's bytes, sample by sample in input order; raises at the end, before the
     end of the shard (a tar's end-of-archive blocks, a Parquet footer), when the input shard could
-    not be read whole (so it is not written)."""
+    not be read whole, and at the first sample past ``deadline`` (so it is not written)."""
     for outcome in outcomes:
+        if deadline is not None and time.monotonic() > deadline:
+            raise _ShardUnreadable(f"{TIME_LIMIT}, after {len(result.outcomes)} of its samples: a shard must be "
+                                   "masked within one task's time limit (CLIPMASK_TASK_TIME_LIMIT); raise it, "
+                                   "or write smaller shards")
         blobs = collected.take(outcome.key)
         if outcome.status == "succeeded":
             writer.add(outcome.key, blobs)
@@ -97,7 +107,7 @@ def _shard_chunks(outcomes: Iterator[Outcome], collected: "_Collected", feed: "_
 
 
 class _ShardUnreadable(Exception):
-    """The input shard could not be read whole: its output is not written."""
+    """The input shard could not be read whole, or not in time: its output is not written."""
 
 
 def _shard_failed(result: ShardResult, reason: str) -> None:
