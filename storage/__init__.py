@@ -7,6 +7,7 @@
 >>> for key in store.list("a/", start_after="a/b.jpg"): ...
 >>> for line in store.read_lines("manifest.jsonl"): ...
 >>> URLReader().read("s3://bucket/other/prefix/c.png")   # an object by its full URL
+>>> URLReader().read_stream("s3://bucket/shards/00000.tar")  # ... as a stream, one request
 
 Errors are Python's own: FileNotFoundError, PermissionError, ConnectionError
 (transient, see :func:`is_transient`), ValueError for bad keys or URLs, and
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any
+from typing import Any, BinaryIO
 
 from storage.base import Listed, ObjectStore
 from storage.errors import StorageError, is_transient
@@ -57,9 +58,19 @@ class URLReader:
 
     def read(self, url: str) -> bytes:
         """The bytes at ``url``; raises as ``ObjectStore.read_bytes`` and ``split_object_url`` do."""
+        store, key = self._store_of(url)
+        return store.read_bytes(key)
+
+    def read_stream(self, url: str) -> BinaryIO:
+        """The object at ``url`` as a stream from one request (``ObjectStore.read_stream``); raises
+        as that and ``split_object_url`` do."""
+        store, key = self._store_of(url)
+        return store.read_stream(key)
+
+    def _store_of(self, url: str) -> tuple[ObjectStore, str]:
         root, key = split_object_url(url)
         with self._lock:
             store = self._stores.get(root)
             if store is None:
                 store = self._stores[root] = open_store(root)
-        return store.read_bytes(key)
+        return store, key

@@ -14,7 +14,7 @@ import pytest
 from tasks.errors import ShardFormatError
 from tasks.shards.formats import output_key
 from tasks.shards.names import find_shards
-from tasks.shards.parquet import ParquetReader
+from tasks.shards.parquet import ParquetReader, pick_cells
 from tests.images import encoded, noise_image
 from tests.processes import clipmask
 from tests.test_shards import OPTIONS, read_shard
@@ -116,6 +116,23 @@ def test_shards_are_found_by_extension_and_img2dataset_metadata_is_not_one(tmp_p
     assert output_key("a/00000.tar", "parquet") == "a/00000.parquet"
     assert output_key("00000.parquet", "webdataset") == "00000.tar"
     assert output_key("00000.parquet", None) == "00000.parquet"
+
+
+@pytest.mark.parametrize("stream", [io.BytesIO, Unseekable], ids=["seekable", "copied to a temporary file"])
+def test_cells_are_picked_by_row_key_and_column(stream):
+    data = images(5)
+    # Given a Hugging Face table (keys: row indexes, images in a struct) and an img2dataset one (a key column)
+    unkeyed = parquet_bytes(hf_table(data), row_group_size=2)
+    keyed = parquet_bytes(keyed_table(data, [f"k{i}" for i in range(5)], column="photo"), row_group_size=2)
+    # When a few cells are asked for by key and column (None: the image column)
+    picked = dict(pick_cells(stream(unkeyed), [("000000003", None), ("000000001", "label"), ("3", None),
+                                               ("000000009", None)]))
+    # Then the image bytes and other values come as bytes; keys the file lacks do not
+    assert picked == {("000000003", None): data[3]}  # label is an int: not a value pick_cells hands over
+    picked = dict(pick_cells(stream(keyed), [("k4", None), ("k0", "caption"), ("k9", None)], "photo"))
+    assert picked == {("k4", None): data[4], ("k0", "caption"): b"a caption"}
+    with pytest.raises(ShardFormatError, match="no column 'jpg'"):
+        list(pick_cells(stream(keyed), [("k4", None)], "jpg"))
 
 
 # --- clipmask run ------------------------------------------------------------------

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from collections import Counter
 
+import boto3
 import numpy as np
 import pytest
 from PIL import Image
@@ -25,6 +26,10 @@ from tests.preview_helpers import (
     sample_items,
     write_job,
 )
+from tests.processes import clipmask
+from tests.services import FaultyProxy
+from tests.test_parquet import images, keyed_table, parquet_bytes
+from tests.test_shards import samples, tar_bytes
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -94,7 +99,8 @@ def test_preview_shows_a_sample_with_upright_thumbnails_overlays_and_failures(ta
     assert "coverage of 5 sampled images" in parsed.all_text
     # And the corrupt source is a card with its preview error, not an exception
     assert len(parsed.cards) == 5 and sum("error" in card.split() for card in parsed.cards) == 1
-    assert "c/corrupt.jpg" in parsed.all_text and "preview error: cannot preview the image: not an image" in parsed.all_text
+    assert "c/corrupt.jpg" in parsed.all_text
+    assert "preview error: cannot preview the image: not an image" in parsed.all_text
     # And the page is self-contained: no script, no external URL
     assert "<script" not in html_text and "http://" not in html_text.replace('xmlns="http://www.w3.org/2000/svg"', "")
     assert "https://" not in html_text
@@ -173,3 +179,56 @@ def test_page_renders_in_a_headless_browser(tmp_path):
     assert red.sum() > 500  # the overlays' tint is on screen
     bars = (np.abs(pixels - (59, 130, 196)).sum(axis=1) < 20)
     assert bars.sum() > 100  # the histogram's bars
+
+
+@pytest.mark.parametrize("shard_format", ["webdataset", "parquet"])
+def test_a_job_over_shards_is_previewed_reading_each_needed_shard_once(shard_format, s3_bucket, s3_env, moto_server,
+                                                                       tiny_model, tmp_path):
+    # Given three input shards on S3 (tar, or Parquet with its images in a column named "img") masked
+    # by `clipmask run` into three output shards
+    s3 = boto3.client("s3")
+    suffix = ".tar" if shard_format == "webdataset" else ".parquet"
+    for shard in range(3):
+        if suffix == ".tar":
+            data = tar_bytes(samples(shard))
+        else:
+            data = parquet_bytes(keyed_table(images(3, shard), [f"s{shard}r{i}" for i in range(3)], column="img"))
+        s3.put_object(Bucket=s3_bucket, Key=f"in/{shard:05d}{suffix}", Body=data)
+    env = {**s3_env, "CLIPMASK_MODEL": tiny_model, "HF_HUB_OFFLINE": "1"}
+    column = ["--image-column", "img"] if suffix == ".parquet" else []
+    result = clipmask("run", f"s3://{s3_bucket}/in/", "--out", f"s3://{s3_bucket}/out/", "--prompt", "dog",
+                      "--device", "cpu", "--quiet", *column, env=env)
+    assert result.returncode == 0 and "9 succeeded, 0 failed" in result.stdout, result.stdout + result.stderr
+    dest = f"s3://{s3_bucket}/out/"
+
+    # When the job is previewed, four of its nine samples drawn, S3 behind a proxy that logs every request
+    with FaultyProxy(moto_server.endpoint, slowdown=0, drop=0) as proxy:
+        shown = clipmask("preview", dest, "--out", str(tmp_path / "page"), "--limit", "4", "--seed", "3",
+                         env={**env, "AWS_ENDPOINT_URL_S3": proxy.endpoint})
+        seen = list(proxy.seen)
+    assert shown.returncode == 0, shown.stderr
+    parsed = parse_page(tmp_path / "page" / "index.html")
+    shards = sorted(set(re.findall(rf"\b(\d{{5}}){re.escape(suffix)}#\S+", parsed.all_text)))
+    reads = Counter(path.split("?")[0].split(f"/{s3_bucket}/", 1)[-1] for method, path in seen
+                    if method == "GET" and path.split("?")[0].endswith(suffix))
+    # Then every card has its thumbnail and its overlay, valid JPEGs beside the page
+    assert len(parsed.cards) == 4 and not [card for card in parsed.cards if "error" in card.split()]
+    assert "cannot preview" not in parsed.all_text and len(parsed.images) == 8
+    for src in parsed.images:
+        with Image.open(tmp_path / "page" / src) as image:
+            assert image.format == "JPEG" and max(image.size) <= 256
+            image.load()
+    # And each shard the cards come from was read once (one GET) for the images, and its output
+    # shard once for the masks and records; no other shard was read
+    assert 1 < len(shards) <= 3
+    assert reads == {**{f"in/{shard}{suffix}": 1 for shard in shards},
+                     **{f"out/{shard}{suffix}": 1 for shard in shards}}, reads
+
+    # When one of those output shards is gone
+    gone = shards[0]
+    s3.delete_object(Bucket=s3_bucket, Key=f"out/{gone}{suffix}")
+    parsed = parse_page(write_preview(dest, out_dir=str(tmp_path / "again"), limit=4, seed=3))
+    # Then only its cards are error cards, saying which shard could not be read; the others are drawn
+    errors = sum("error" in card.split() for card in parsed.cards)
+    assert 0 < errors < 4 and len(parsed.images) == 2 * (4 - errors)
+    assert parsed.all_text.count(f"shard {dest}{gone}{suffix} could not be read") == errors

@@ -17,7 +17,7 @@ from storage import open_store
 from tasks.errors import ShardFormatError
 from tasks.pipeline.shards import mask_shard
 from tasks.shards.names import expand_braces
-from tasks.shards.tar import ShardReader
+from tasks.shards.tar import ShardReader, pick_members
 from tests.images import encoded, noise_image
 from tests.processes import clipmask
 from worker.spec import MaskSpec
@@ -121,6 +121,24 @@ def test_a_shard_past_its_tasks_time_limit_fails_unwritten_and_says_how_to_fix_i
     assert "CLIPMASK_TASK_TIME_LIMIT" in late.error and "smaller shards" in late.error
     assert not (tmp_path / "late" / "00000.tar").exists()
     assert {row["status"] for row in late.rows()} == {"failed"}
+
+
+def test_members_are_picked_by_name_and_key_and_the_rest_is_left_unread():
+    content = samples(0, count=8)
+    data = tar_bytes(content)
+    stream = io.BytesIO(data)
+    # When a record and two samples' images are asked for, the latest in the third sample
+    picked = dict(pick_members(stream, ["000000001.json", "000009999.json"], ["000000002", "000000000"]))
+    # Then those members come, the one the shard lacks does not, and the stream stops soon after the last
+    assert picked == {"000000000": content["000000000"]["jpg"], "000000001.json": content["000000001"]["json"],
+                      "000000002": content["000000002"]["webp"]}
+    assert stream.tell() == len(data)  # a name not in the shard: read to its end, which is checked
+    stream = io.BytesIO(data)
+    assert dict(pick_members(stream, ["000000001.json"], ["000000002"])).keys() == {"000000001.json", "000000002"}
+    assert stream.tell() < member_offset(data, "000000005.webp")  # tarfile reads 10 KiB records
+    # And a shard cut off before what is asked for is an error with its offset
+    with pytest.raises(ShardFormatError, match="without its end-of-archive blocks"):
+        list(pick_members(io.BytesIO(data[:member_offset(data, "000000004.png")]), [], ["000000005"]))
 
 
 def test_brace_patterns_expand_as_webdataset_writes_them():

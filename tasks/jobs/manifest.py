@@ -71,12 +71,15 @@ def write_job_manifest(files: JobFiles, source: ObjectStore, chunks: int, cancel
 def write_summary(files: JobFiles, record: dict, counts: dict[str, int], state: str,
                   finished_at: str | None = None, up_to_date: int = 0) -> dict:
     """Write ``summary.json`` from the job's record and its manifest's counts; returns it.
-    ``up_to_date``: the images a plan of what is new left out (no manifest row each)."""
+    ``up_to_date``: the images a plan of what is new left out (no manifest row each). A job over
+    shards keeps its record's ``shards`` (pattern, suffix, image column)."""
     summary = {
         "job_id": files.job_id, "state": state, "total": sum(counts.values()), **counts, "up_to_date": up_to_date,
         "source": record["source"], "dest": record["dest"], "spec": record["spec"],
         "created_at": record["created_at"], "finished_at": finished_at or now_iso(),
         "manifest": files.url("manifest"),
     }
+    if record.get("shards"):
+        summary["shards"] = record["shards"]
     files.dest.write_bytes(files.keys["summary"], json.dumps(summary, indent=2).encode() + b"\n", "application/json")
     return summary

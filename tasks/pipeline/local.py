@@ -73,7 +73,8 @@ def run_local_shards(shards: ShardSet, dest: ObjectStore, spec: MaskSpec, engine
     them; a shard that fails does not stop the run. ``skip_existing``: only the shards without
     an output shard newer than them (the summary's ``up_to_date`` counts the others, shards)."""
     run_id = new_job_id()
-    record = {"source": shards.store.url, "dest": dest.url, "spec": spec.to_dict(), "created_at": now_iso()}
+    record = {"source": shards.store.url, "dest": dest.url, "spec": spec.to_dict(), "created_at": now_iso(),
+              "shards": {"pattern": shards.pattern, "suffix": shards.suffix, "image_column": image_column}}
     files, counter = JobFiles(dest, run_id), CountingLines()
     scan = ShardScan(shards, dest, output_key=lambda key: output_key(key, output_format)) if skip_existing else None
     with tqdm(unit="img", disable=not progress, dynamic_ncols=True) as bar:

@@ -15,22 +15,32 @@ that of the sample and says so. The manifest comes through ``ObjectStore.read_li
 from a local file; on S3 one GET whose bytes are held, never its rows). One unreadable image,
 mask or metadata file becomes a card with its error; it never stops the page (``cards.py``).
 
-This is job-side code: Pillow, numpy, ``storage`` and ``worker.codecs`` only (no torch, no engine).
+A job over shards names its images and outputs as members of shards (``<shard URL>#<member>``):
+the sampled rows are grouped by shard and each shard they need is read once, one GET, before the
+cards are drawn (``shards.py``): at most two shards a card (its input shard for the image, its
+output shard for the record and mask), shared by every card from the same shards, a tar read no
+further than its last needed member, and only the needed members' bytes kept. A shard that cannot
+be read makes error cards of its own cards only.
+
+This is job-side code: Pillow, numpy, ``storage``, ``worker.codecs`` and the torch-free
+``tasks.shards`` only (no torch, no engine; pyarrow only once a Parquet shard is met).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from storage import URLReader, open_store
+from storage import ObjectStore, URLReader, open_store
 from storage.layout import job_keys
 from tasks.preview.cards import Card, draw_card
 from tasks.preview.find import find_job, list_job_ids
 from tasks.preview.page import render_page
 from tasks.preview.sample import DEFAULT_LIMIT, ManifestSample, sample_manifest
+from tasks.preview.shards import ShardMembers
 
 __all__ = ["DEFAULT_LIMIT", "Card", "ManifestSample", "find_job", "list_job_ids", "sample_manifest", "write_preview"]
 
@@ -40,6 +50,19 @@ WORKERS = 4
 
 def _safe_dirname(job_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", job_id).lstrip(".") or "job"
+
+
+def _image_column(store: ObjectStore, job_id: str, summary: dict) -> str | None:
+    """The image column a job over Parquet shards read (``--image-column``): its summary's
+    ``shards``, else its ``job.json``'s; None (the default columns) when neither says."""
+    shards = summary.get("shards")
+    if not isinstance(shards, dict):
+        try:
+            shards = json.loads(store.read_bytes(job_keys(job_id)["job"])).get("shards")
+        except (OSError, ValueError, AttributeError):
+            shards = None
+    column = shards.get("image_column") if isinstance(shards, dict) else None
+    return column if isinstance(column, str) and column else None
 
 
 def write_preview(dest_url: str, out_dir: str | None = None, job_id: str | None = None,
@@ -68,8 +91,9 @@ def write_preview(dest_url: str, out_dir: str | None = None, job_id: str | None 
     folder = Path(os.path.expanduser(out_dir)) if out_dir is not None else Path(f"preview-{_safe_dirname(job_id)}")
     for sub in ("thumbs", "overlays"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
-    reader = URLReader()
+    reader = ShardMembers(sample.succeeded, URLReader())
     with ThreadPoolExecutor(WORKERS, thread_name_prefix="clipmask-preview") as pool:
+        reader.fetch(pool, _image_column(store, job_id, summary) if reader.needs_image_column else None)
         cards = list(pool.map(lambda item: draw_card(item[0], item[1], reader, folder, summary, store.url),
                               enumerate(sample.succeeded)))
     page = folder / "index.html"

@@ -1,8 +1,10 @@
 """One card of the preview page: a sampled image's upright thumbnail and its mask tinted over it.
 
 Pillow, numpy, ``storage``, ``worker.codecs`` and ``worker.rle`` only (no torch, no engine). The
-mask is its PNG, or the record's RLE where the job wrote no PNG. One unreadable image, mask or
-metadata file becomes a card with its error; it never stops the page.
+mask is its PNG, or the record's RLE where the job wrote no PNG. Files are read by URL through
+the reader given, which hands over the shard members already read for a job over shards
+(``shards.py``). One unreadable image, mask or metadata file (or shard) becomes a card with its
+error; it never stops the page.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from storage import URLReader
 from storage.layout import METADATA_SUFFIX
+from tasks.preview.shards import MemberUnavailable, ShardMembers
 from worker import rle  # numpy and pycocotools: no torch
 from worker.codecs import to_rgb  # Pillow and numpy only: no torch
 from worker.model_source import describe_model  # no torch either
@@ -88,6 +91,8 @@ def overlay(image: Image.Image, mask: Image.Image) -> Image.Image:
 
 
 def _describe(err: BaseException) -> str:
+    if isinstance(err, MemberUnavailable):  # its text says which shard and why
+        return str(err)
     if isinstance(err, UnidentifiedImageError):  # its text is "cannot identify image file <_io.BytesIO ...>"
         return "not an image Pillow can read (unknown format or corrupt header)"
     if isinstance(err, KeyError):
@@ -107,7 +112,7 @@ def _relative_name(source: str, outputs: dict, source_root: object, dest_root: s
     return posixpath.basename(source.rstrip("/")) or source
 
 
-def _mask_of(outputs: dict, meta: dict, reader: URLReader) -> Image.Image:
+def _mask_of(outputs: dict, meta: dict, reader: URLReader | ShardMembers) -> Image.Image:
     """The thresholded mask: its PNG, or, for a job that wrote none (``--outputs rle``), the
     record's COCO RLE decoded (a ``KeyError`` for ``mask`` when it has neither)."""
     if "mask" in outputs or not isinstance(meta.get("rle"), dict):
@@ -118,7 +123,7 @@ def _mask_of(outputs: dict, meta: dict, reader: URLReader) -> Image.Image:
     return Image.fromarray(rle.decode(meta["rle"]) * np.uint8(255), "L")
 
 
-def draw_card(number: int, row: dict, reader: URLReader, out_dir: Path, summary: dict, dest_root: str,
+def draw_card(number: int, row: dict, reader: URLReader | ShardMembers, out_dir: Path, summary: dict, dest_root: str,
                side: int = THUMB_SIDE) -> Card:
     """Read one sampled row's metadata, image and mask; write its thumbnail and overlay."""
     source = str(row.get("source", ""))

@@ -18,13 +18,16 @@ Writing: ``ParquetShardWriter`` writes columns ``key``, ``mask`` and ``raw`` (PN
 ``--outputs`` asks) and ``json`` (the metadata record as text), a row group every
 ``ROWS_PER_GROUP`` samples, and hands over the bytes written so far (``take``) as the tar writer
 does, so the output shard goes out through ``write_stream`` and appears only once whole.
+
+``pick_cells`` reads a few cells by row key (``clipmask preview``): the ``key`` column whole,
+then only the row groups and columns that hold what is asked for.
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Collection, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import BinaryIO
 
 import pyarrow as pa
@@ -33,7 +36,7 @@ import pyarrow.parquet as pq
 from tasks.errors import ShardFormatError
 from tasks.shards.tar import ByteSink, Sample
 
-__all__ = ["IMAGE_COLUMNS", "ParquetReader", "ParquetShardWriter"]
+__all__ = ["IMAGE_COLUMNS", "ParquetReader", "ParquetShardWriter", "pick_cells"]
 
 #: The image column looked for when none is named: img2dataset's, then Hugging Face datasets'.
 IMAGE_COLUMNS = ("jpg", "image")
@@ -76,27 +79,15 @@ class ParquetReader:
                                  _left_out(values) if data is None else None)
                     row += 1
 
-    @contextmanager
-    def _seekable(self) -> Iterator[BinaryIO]:
-        if _can_seek(self._stream):
-            yield self._stream
-            return
-        with tempfile.TemporaryFile(prefix="clipmask-shard-") as spool:
-            while chunk := self._stream.read(SPOOL_CHUNK):
-                spool.write(chunk)
-                self.offset += len(chunk)
-            spool.seek(0)
-            yield spool
+    def _seekable(self) -> AbstractContextManager[BinaryIO]:
+        return _seekable(self._stream, self._copied)
+
+    def _copied(self, size: int) -> None:
+        self.offset += size
 
     def _open(self, file: BinaryIO) -> pq.ParquetFile:
-        size = file.seek(0, 2)
-        file.seek(0)
-        self.offset = size
-        try:
-            return pq.ParquetFile(file)
-        except pa.ArrowException as err:
-            raise ShardFormatError(f"not a whole Parquet file ({size} bytes; cut off, or not Parquet): {err}",
-                                   size) from err
+        self.offset = file.seek(0, 2)
+        return _open(file)
 
     def _rows(self, parquet: pq.ParquetFile, group: int, column: str, extra: list[str]) -> Iterator[tuple]:
         """``(image bytes or None, why none, {extra column: value})`` for each row of ``group``."""
@@ -126,6 +117,117 @@ def _left_out(values: dict) -> str | None:
         return None
     error = values.get(ERROR_COLUMN)
     return f"not fetched by the shard's maker (status {status!r}" + (f": {error})" if error else ")")
+
+
+def pick_cells(stream: BinaryIO, cells: Collection[tuple[str, str | None]], image_column: str | None = None
+               ) -> Iterator[tuple[tuple[str, str | None], bytes]]:
+    """The cells of one Parquet stream named in ``cells``, each by its row's key (as
+    ``ParquetReader`` keys rows) and its column (None: the image column, as ``ParquetReader``
+    finds it, ``image_column`` or the default): ``((key, column), bytes)`` for each one the file
+    has and that is not null (text as UTF-8, an image struct's ``bytes``); the others are not
+    yielded. The file is opened as ``ParquetReader`` opens it (a stream that cannot seek is
+    copied to a temporary file first); the ``key`` column is read whole, then only the row
+    groups that hold a wanted row, only the wanted columns, ``BATCH_ROWS`` rows at a time, and
+    nothing past the last of them. Raises ShardFormatError as ``ParquetReader.samples`` does."""
+    wanted: dict[str, set[str | None]] = {}
+    for key, column in cells:
+        wanted.setdefault(key, set()).add(column)
+    if not wanted:
+        return
+    with _seekable(stream) as file:
+        parquet = _open(file)
+        names = parquet.schema_arrow.names
+        image = _image_column(parquet.schema_arrow, image_column) if any(None in c for c in wanted.values()) else None
+        rows = _rows_of(parquet, wanted, KEY_COLUMN in names and KEY_COLUMN != image)
+        first = 0
+        for group in range(parquet.num_row_groups):
+            if not rows:
+                return
+            end = first + parquet.metadata.row_group(group).num_rows
+            here = {row - first: rows.pop(row) for row in sorted(rows) if row < end}
+            if here:
+                yield from _group_cells(parquet, group, here, wanted, image)
+            first = end
+
+
+def _rows_of(parquet: pq.ParquetFile, wanted: dict, keyed: bool) -> dict[int, str]:
+    """The index of the row of each wanted key that the file has (its first row of that key)."""
+    if not keyed:
+        count = parquet.metadata.num_rows
+        return {int(key): key for key in wanted if key.isdigit() and key == f"{int(key):0{ROW_KEY_WIDTH}d}"
+                and int(key) < count}
+    try:
+        keys = parquet.read(columns=[KEY_COLUMN]).column(0).to_pylist()
+    except pa.ArrowException as err:
+        raise ShardFormatError(f"corrupt Parquet: its {KEY_COLUMN!r} column cannot be read: {err}", 0) from err
+    rows: dict[str, int] = {}
+    for row, key in enumerate(keys):
+        if key is not None and str(key) in wanted:
+            rows.setdefault(str(key), row)
+    return {row: key for key, row in rows.items()}
+
+
+def _group_cells(parquet: pq.ParquetFile, group: int, here: dict[int, str], wanted: dict, image: str | None
+                 ) -> Iterator[tuple[tuple[str, str | None], bytes]]:
+    """The wanted cells of the rows ``here`` (index in the row group: key) of row group ``group``."""
+    names = parquet.schema_arrow.names
+    columns = sorted({image if column is None else column for key in here.values() for column in wanted[key]}
+                     & set(names))
+    if not columns:
+        return
+    start = 0
+    try:
+        for batch in parquet.iter_batches(BATCH_ROWS, row_groups=[group], columns=columns):
+            for index in (i for i in here if start <= i < start + batch.num_rows):
+                key = here[index]
+                for column in wanted[key]:
+                    name = image if column is None else column
+                    if name in columns:
+                        value = _as_bytes(batch.column(columns.index(name))[index - start].as_py())
+                        if value is not None:
+                            yield (key, column), value
+            start += batch.num_rows
+            if start > max(here):
+                return
+    except pa.ArrowException as err:
+        offset = _group_offset(parquet.metadata.row_group(group))
+        raise ShardFormatError(f"corrupt Parquet: row group {group} of {parquet.num_row_groups} (at byte "
+                               f"{offset}) cannot be read: {err}", offset) from err
+
+
+def _as_bytes(value: object) -> bytes | None:
+    """A cell as bytes: binary as it is, text as UTF-8, an image struct's ``bytes``."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    return value if isinstance(value, bytes) else None
+
+
+@contextmanager
+def _seekable(stream: BinaryIO, copied=lambda size: None) -> Iterator[BinaryIO]:
+    """``stream`` itself when it can seek, else its bytes copied to an unnamed temporary file
+    (``copied`` told the size of each chunk), rewound."""
+    if _can_seek(stream):
+        yield stream
+        return
+    with tempfile.TemporaryFile(prefix="clipmask-shard-") as spool:
+        while chunk := stream.read(SPOOL_CHUNK):
+            spool.write(chunk)
+            copied(len(chunk))
+        spool.seek(0)
+        yield spool
+
+
+def _open(file: BinaryIO) -> pq.ParquetFile:
+    """The Parquet file in ``file``; ShardFormatError (with its size) when it is not whole Parquet."""
+    size = file.seek(0, 2)
+    file.seek(0)
+    try:
+        return pq.ParquetFile(file)
+    except pa.ArrowException as err:
+        raise ShardFormatError(f"not a whole Parquet file ({size} bytes; cut off, or not Parquet): {err}",
+                               size) from err
 
 
 def _can_seek(stream: BinaryIO) -> bool:

@@ -18,19 +18,22 @@ are sample ``a/000000001``). Its image is its first member whose extension is on
 or garbage where a header should be) as it does at the end-of-archive block; ``ShardReader`` tells
 them apart (``_Header`` notes why the headers ended) and raises ``ShardFormatError`` with the byte
 offset, as it does for a member whose data is cut off.
+
+``pick_members`` reads a few members of a shard by name (``clipmask preview``): the same stream
+mode, only the members asked for kept, and the stream left unread past the last of them.
 """
 
 from __future__ import annotations
 
 import io
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from tasks.errors import ShardFormatError
 
-__all__ = ["IMAGE_EXTENSIONS", "ByteSink", "Sample", "ShardReader", "ShardWriter", "sample_key"]
+__all__ = ["IMAGE_EXTENSIONS", "ByteSink", "Sample", "ShardReader", "ShardWriter", "pick_members", "sample_key"]
 
 #: Extensions (after the key's dot, lower case) of a sample's image member.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -101,6 +104,40 @@ class ShardReader:
                 sample.image, sample.data = member.name, _read_member(tar, member)
         if sample is not None:
             yield sample
+
+
+def pick_members(stream: BinaryIO, names: Collection[str] = (), image_keys: Collection[str] = ()
+                 ) -> Iterator[tuple[str, bytes]]:
+    """The members of one tar stream named in ``names``, and the image member (as ``samples``
+    takes it: the first with an extension of ``IMAGE_EXTENSIONS``) of each sample key in
+    ``image_keys``: ``(name or key, bytes)`` as each is met, in stream order. Only those bytes are
+    kept; once all are found the generator ends without reading the rest of the stream. Those not
+    in the shard are simply not yielded. Raises ShardFormatError (with the byte offset) as
+    ``ShardReader.samples`` does, after the members found before the fault."""
+    names, keys = set(names), set(image_keys)
+    if not names and not keys:
+        return
+    counted = _Counted(stream)
+    ended: list[tarfile.HeaderError] = []
+    try:
+        with tarfile.open(fileobj=counted, mode="r|", tarinfo=_header_class(ended)) as tar:
+            while (member := tar.next()) is not None:
+                tar.members.clear()
+                if not member.isfile():
+                    continue
+                if member.name in names:
+                    names.discard(member.name)
+                    yield member.name, _read_member(tar, member)
+                else:
+                    key, extension = sample_key(member.name)
+                    if key in keys and extension.lower() in IMAGE_EXTENSIONS:
+                        keys.discard(key)
+                        yield key, _read_member(tar, member)
+                if not names and not keys:
+                    return
+            _check_end(ended, tar.offset, counted.position)
+    except tarfile.ReadError as err:
+        raise ShardFormatError(f"not a readable tar ({err}) at byte {counted.position}", counted.position) from err
 
 
 def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
