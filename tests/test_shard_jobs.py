@@ -12,13 +12,9 @@ import time
 
 import boto3
 
-from tests.processes import clipmask, job_status, wait_for
+from tests.processes import FAST_REDELIVERY, clipmask, job_status, kill_mid_task, wait_for
 from tests.services import FaultyProxy
-from tests.test_jobs_e2e import job_env, start_worker  # noqa: F401 - fixtures
 from tests.test_shards import OPTIONS, member_offset, read_shard, run_env, samples, tar_bytes  # noqa: F401
-
-FAST_REDELIVERY = {"CLIPMASK_VISIBILITY_TIMEOUT": "4", "CLIPMASK_TASK_TIME_LIMIT": "60",
-                   "CLIPMASK_RESTORE_INTERVAL": "1", "CLIPMASK_RESTORE_THROTTLE": "1"}
 
 
 def put_shards(bucket: str, content: dict[int, dict], cut: dict[int, int] | None = None) -> None:
@@ -56,7 +52,7 @@ def manifest_rows(bucket: str, job_id: str) -> list[dict]:
 
 
 def test_a_shard_job_survives_a_killed_worker_and_masks_only_what_is_new(
-        s3_bucket, job_env, start_worker, tmp_path):  # noqa: F811
+        s3_bucket, job_env, start_worker, tmp_path):
     bucket, env = s3_bucket, {**job_env, **FAST_REDELIVERY}
     # Given three shards on S3: the second with a corrupt image, the third cut off in its second sample
     content = {shard: samples(shard, count=4) for shard in range(3)}
@@ -66,12 +62,8 @@ def test_a_shard_job_survives_a_killed_worker_and_masks_only_what_is_new(
     # When a job over them is submitted and its worker is killed in the middle of a shard
     doomed = start_worker("doomed", **FAST_REDELIVERY)
     job_id = job_of(submit(bucket, env))
-    deadline = time.monotonic() + 120
-    while not doomed.in_flight() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    doomed.kill()
-    lost = doomed.in_flight()
-    assert lost and job_status(job_id, env)["state"] != "finished", doomed.log()
+    lost = kill_mid_task(doomed)
+    assert job_status(job_id, env)["state"] != "finished", doomed.log()
     # Then no output shard is visible half-written: each one there reads whole
     for key, written in output_shards(bucket, tmp_path).items():
         shard = int(key.removeprefix("masks/").removesuffix(".tar"))
@@ -141,7 +133,7 @@ def test_run_skip_existing_masks_only_new_or_changed_shards(tmp_path, run_env): 
 
 
 def test_a_shard_that_storage_cut_off_runs_again_instead_of_failing(
-        s3_bucket, moto_server, job_env, start_worker, tmp_path):  # noqa: F811
+        s3_bucket, moto_server, job_env, start_worker, tmp_path):
     # Given a shard on S3 and a worker that reaches S3 through a proxy that cuts every connection
     content = {0: samples(0, count=2)}
     put_shards(s3_bucket, content)
@@ -167,7 +159,7 @@ def test_a_shard_that_storage_cut_off_runs_again_instead_of_failing(
     assert list(read_shard(out / "00000.tar")) == list(content[0])
 
 
-def test_a_job_over_parquet_shards_reads_the_image_column_it_was_given(s3_bucket, job_env, start_worker):  # noqa: F811
+def test_a_job_over_parquet_shards_reads_the_image_column_it_was_given(s3_bucket, job_env, start_worker):
     import io
 
     import pyarrow.parquet as pq
