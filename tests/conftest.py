@@ -68,6 +68,12 @@ def env_of(tiny_model, s3_env):
     return make
 
 
+@pytest.fixture
+def job_env(env_of, redis_url):
+    """Environment of a user's shell: broker, results, S3 and model, a queue of this test's own."""
+    return env_of(redis_url)
+
+
 # --- models ----------------------------------------------------------------
 
 
@@ -112,6 +118,24 @@ def workers(tmp_path):
 
     def start(env: dict, name: str = "w") -> Worker:
         worker = Worker(env, tmp_path / f"{name}-{len(started)}.log", f"{name}{len(started)}-{uuid.uuid4().hex[:6]}")
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop_quietly()
+
+
+@pytest.fixture
+def start_worker(job_env, tmp_path):
+    """Start ``clipmask worker`` in ``job_env`` (``env`` on top): ``start_worker(name, **env)``; all
+    killed at the end."""
+    from tests.processes import Worker
+
+    started: list[Worker] = []
+
+    def start(name: str = "w1", **env) -> Worker:
+        worker = Worker({**job_env, **env}, tmp_path / f"{name}.log", f"{name}-{uuid.uuid4().hex[:6]}")
         started.append(worker)
         return worker
 

@@ -17,6 +17,9 @@ REPO = Path(__file__).resolve().parent.parent
 #: Healing settings that fit a test: redelivery and healing after 20 s without progress.
 FAST_HEALING = {"CLIPMASK_VISIBILITY_TIMEOUT": "20", "CLIPMASK_TASK_TIME_LIMIT": "15",
                 "CLIPMASK_HEAL_INTERVAL": "3", "CLIPMASK_RESTORE_INTERVAL": "1", "CLIPMASK_RESTORE_THROTTLE": "1"}
+#: Redelivery settings that fit a test: a task a dead worker held is handed out again after 4 s.
+FAST_REDELIVERY = {"CLIPMASK_VISIBILITY_TIMEOUT": "4", "CLIPMASK_TASK_TIME_LIMIT": "60",
+                   "CLIPMASK_RESTORE_INTERVAL": "1", "CLIPMASK_RESTORE_THROTTLE": "1"}
 
 
 def clipmask(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -72,6 +72,10 @@ def test_a_cancelled_job_queues_nothing_more_and_completes_when_its_queue_drains
     assert jobs.feed(job) == []
     assert jobs.record_chunk(job, 1, {"skipped": 1})[0] == 2  # the last in flight: finish it
     assert jobs.status(job)["state"] == "cancelled"
+    # And once its manifest is written, every chunk counts as done (those never sent as skipped)
+    jobs.mark_finished(job, {"succeeded": 0, "failed": 0, "skipped": 4}, 4, "s3://b/out/_jobs/x/manifest.jsonl")
+    status = jobs.status(job)
+    assert (status["state"], status["chunks_done"], status["chunks"], status["chunks_queued"]) == ("cancelled", 4, 4, 0)
 
 
 def test_the_chunk_that_completes_a_planned_job_is_told_so(jobs, job):

@@ -10,7 +10,6 @@ import io
 import json
 import re
 import time
-import uuid
 
 import boto3
 import numpy as np
@@ -18,20 +17,11 @@ import pytest
 from PIL import Image
 
 from tests.images import encoded, noise_image, sample_inputs, write_tree
-from tests.processes import Worker, clipmask, job_status, wait_for
+from tests.processes import FAST_REDELIVERY, clipmask, job_status, kill_mid_task, wait_for
 from tests.services import FaultyProxy
 from worker.spec import MaskSpec
 
 PROMPT, NEGATIVE = "a cat|dog", "tree"
-
-
-@pytest.fixture
-def job_env(s3_env, redis_url, tiny_model, tmp_path):
-    """Environment of a user's shell: broker, results, S3 and model, a queue of this test's own."""
-    redis_base = redis_url.rsplit("/", 1)[0]
-    return {**s3_env, "CELERY_BROKER_URL": f"{redis_base}/0", "CELERY_RESULT_BACKEND": f"{redis_base}/1",
-            "CLIPMASK_MODEL": tiny_model, "CLIPMASK_QUEUE": f"test-{uuid.uuid4().hex[:8]}",
-            "HF_HUB_OFFLINE": "1"}
 
 
 @pytest.fixture
@@ -40,20 +30,6 @@ def bucket_with_inputs(s3_bucket):
     for key, data in sample_inputs().items():
         s3.put_object(Bucket=s3_bucket, Key=f"in/{key}", Body=data)
     return s3_bucket
-
-
-@pytest.fixture
-def start_worker(job_env, tmp_path):
-    workers = []
-
-    def start(name: str = "w1", **env) -> Worker:
-        worker = Worker({**job_env, **env}, tmp_path / f"{name}.log", f"{name}-{uuid.uuid4().hex[:6]}")
-        workers.append(worker)
-        return worker
-
-    yield start
-    for worker in workers:
-        worker.stop_quietly()
 
 
 @pytest.fixture
@@ -136,21 +112,15 @@ def test_job_masks_every_image_and_reports_the_corrupt_one(bucket_with_inputs, j
 
 def test_a_killed_worker_loses_no_image(bucket_with_inputs, job_env, start_worker):
     bucket = bucket_with_inputs
-    fast_redelivery = {"CLIPMASK_VISIBILITY_TIMEOUT": "4", "CLIPMASK_TASK_TIME_LIMIT": "60",
-                       "CLIPMASK_RESTORE_INTERVAL": "1", "CLIPMASK_RESTORE_THROTTLE": "1"}
-    env = {**job_env, **fast_redelivery}
+    env = {**job_env, **FAST_REDELIVERY}
     # Given a job of one image per task and a worker in the middle of one of them
-    first = start_worker("doomed", **fast_redelivery)
+    first = start_worker("doomed", **FAST_REDELIVERY)
     job_id = submit(bucket, env, "--chunk-size", "1")
-    deadline = time.monotonic() + 120
-    while not first.in_flight() and time.monotonic() < deadline:
-        time.sleep(0.01)
     # When that worker dies without a chance to acknowledge or finish anything
-    first.kill()
-    lost = first.in_flight()
-    assert lost and job_status(job_id, env)["state"] != "finished", first.log()
+    lost = kill_mid_task(first)
+    assert job_status(job_id, env)["state"] != "finished", first.log()
     # Then a new worker is handed the interrupted task again, and no image is lost or counted twice
-    second = start_worker("rescuer", **fast_redelivery)
+    second = start_worker("rescuer", **FAST_REDELIVERY)
     status = wait_for(job_id, env, worker=second)
     assert lost <= second.tasks("received")
     assert (status["total"], status["succeeded"], status["failed"]) == (5, 4, 1)

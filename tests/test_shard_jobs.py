@@ -7,18 +7,17 @@ and ``clipmask submit`` / ``status`` as subprocesses, the tiny random CLIPSeg.
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 import time
 
 import boto3
+import redis
 
-from tests.processes import clipmask, job_status, wait_for
+from tests.processes import FAST_REDELIVERY, clipmask, job_status, kill_mid_task, wait_for
 from tests.services import FaultyProxy
-from tests.test_jobs_e2e import job_env, start_worker  # noqa: F401 - fixtures
 from tests.test_shards import OPTIONS, member_offset, read_shard, run_env, samples, tar_bytes  # noqa: F401
-
-FAST_REDELIVERY = {"CLIPMASK_VISIBILITY_TIMEOUT": "4", "CLIPMASK_TASK_TIME_LIMIT": "60",
-                   "CLIPMASK_RESTORE_INTERVAL": "1", "CLIPMASK_RESTORE_THROTTLE": "1"}
 
 
 def put_shards(bucket: str, content: dict[int, dict], cut: dict[int, int] | None = None) -> None:
@@ -28,8 +27,8 @@ def put_shards(bucket: str, content: dict[int, dict], cut: dict[int, int] | None
         s3.put_object(Bucket=bucket, Key=f"cc/{shard:05d}.tar", Body=data[:(cut or {}).get(shard, len(data))])
 
 
-def submit(bucket: str, env: dict, *extra: str):
-    return clipmask("submit", f"s3://{bucket}/cc/{{00000..00002}}.tar", "--out", f"s3://{bucket}/masks/",
+def submit(bucket: str, env: dict, *extra: str, shards: int = 3):
+    return clipmask("submit", f"s3://{bucket}/cc/{{00000..{shards - 1:05d}}}.tar", "--out", f"s3://{bucket}/masks/",
                     "--prompt", "dog", *extra, env=env)
 
 
@@ -55,8 +54,34 @@ def manifest_rows(bucket: str, job_id: str) -> list[dict]:
     return [json.loads(line) for line in body.iter_lines()]
 
 
+def output_members(bucket: str) -> dict[str, list[str]]:
+    """The member names of every output shard under ``masks/``, read whole with tarfile (a shard
+    cut short raises)."""
+    s3 = boto3.client("s3")
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix="masks/").get("Contents", [])
+    members = {}
+    for key in (o["Key"] for o in listed if o["Key"].endswith(".tar")):
+        data = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            members[key] = [member.name for member in tar if len(tar.extractfile(member).read()) == member.size]
+    return members
+
+
+def members_of(content: dict[str, dict]) -> list[str]:
+    """The members an output shard of these samples has, all of them masked: mask, raw, record."""
+    return [f"{key}.{suffix}" for key in content for suffix in ("mask.png", "raw.png", "json")]
+
+
+def until(condition, what: str, timeout: float = 120) -> None:
+    """Wait (polling) until ``condition()`` holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.005)
+
+
 def test_a_shard_job_survives_a_killed_worker_and_masks_only_what_is_new(
-        s3_bucket, job_env, start_worker, tmp_path):  # noqa: F811
+        s3_bucket, job_env, start_worker, tmp_path):
     bucket, env = s3_bucket, {**job_env, **FAST_REDELIVERY}
     # Given three shards on S3: the second with a corrupt image, the third cut off in its second sample
     content = {shard: samples(shard, count=4) for shard in range(3)}
@@ -66,12 +91,8 @@ def test_a_shard_job_survives_a_killed_worker_and_masks_only_what_is_new(
     # When a job over them is submitted and its worker is killed in the middle of a shard
     doomed = start_worker("doomed", **FAST_REDELIVERY)
     job_id = job_of(submit(bucket, env))
-    deadline = time.monotonic() + 120
-    while not doomed.in_flight() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    doomed.kill()
-    lost = doomed.in_flight()
-    assert lost and job_status(job_id, env)["state"] != "finished", doomed.log()
+    lost = kill_mid_task(doomed)
+    assert job_status(job_id, env)["state"] != "finished", doomed.log()
     # Then no output shard is visible half-written: each one there reads whole
     for key, written in output_shards(bucket, tmp_path).items():
         shard = int(key.removeprefix("masks/").removesuffix(".tar"))
@@ -141,7 +162,7 @@ def test_run_skip_existing_masks_only_new_or_changed_shards(tmp_path, run_env): 
 
 
 def test_a_shard_that_storage_cut_off_runs_again_instead_of_failing(
-        s3_bucket, moto_server, job_env, start_worker, tmp_path):  # noqa: F811
+        s3_bucket, moto_server, job_env, start_worker, tmp_path):
     # Given a shard on S3 and a worker that reaches S3 through a proxy that cuts every connection
     content = {0: samples(0, count=2)}
     put_shards(s3_bucket, content)
@@ -167,7 +188,7 @@ def test_a_shard_that_storage_cut_off_runs_again_instead_of_failing(
     assert list(read_shard(out / "00000.tar")) == list(content[0])
 
 
-def test_a_job_over_parquet_shards_reads_the_image_column_it_was_given(s3_bucket, job_env, start_worker):  # noqa: F811
+def test_a_job_over_parquet_shards_reads_the_image_column_it_was_given(s3_bucket, job_env, start_worker):
     import io
 
     import pyarrow.parquet as pq
@@ -195,3 +216,84 @@ def test_a_job_over_parquet_shards_reads_the_image_column_it_was_given(s3_bucket
     refused = clipmask("submit", f"s3://{s3_bucket}/tars/{{00000..00000}}.tar", "--out",
                        f"s3://{s3_bucket}/x/", "--prompt", "dog", "--image-column", "photo", env=job_env)
     assert refused.returncode == 2 and "--image-column is for Parquet shards" in refused.stderr, refused.stderr
+
+
+def test_a_cancelled_shard_job_skips_each_unread_shard_with_one_row(
+        s3_bucket, moto_server, job_env, start_worker):
+    bucket, s3 = s3_bucket, boto3.client("s3")
+    content = {shard: samples(shard, count=2) for shard in range(6)}
+    put_shards(bucket, content)
+    env = {**job_env, "CLIPMASK_JOB_WINDOW": "3"}
+    with FaultyProxy(moto_server.endpoint, slowdown=0, drop=0) as proxy:
+        # Given a worker of one task slot whose storage holds every request for now
+        proxy.set_outage("hang")
+        worker = start_worker(AWS_ENDPOINT_URL_S3=proxy.endpoint, CLIPMASK_WORKER_TASKS="1")
+        # and a job over six shards, three of them queued (the job's window)
+        job_id = job_of(submit(bucket, env, shards=6))
+        # When the user cancels the job while the worker is in the middle of the first shard
+        until(lambda: proxy.held, "request from the worker")
+        cancelled = clipmask("cancel", job_id, env=env)
+        assert cancelled.returncode == 0, cancelled.stderr
+        proxy.set_outage(None)
+        status = wait_for(job_id, env, worker=worker)
+    # Then the shard it was masking is finished, and the job ends cancelled
+    assert status["state"] == "cancelled", worker.log()
+    assert (status["total"], status["succeeded"], status["failed"], status["skipped"]) == (7, 2, 0, 5)
+    # And the manifest has that shard's samples, then one skipped row without a key per unread shard
+    shard_url = f"s3://{bucket}/cc/{{:05d}}.tar".format
+    rows = manifest_rows(bucket, job_id)
+    assert [(row["shard"], row["key"], row["status"]) for row in rows[:2]] == [
+        (shard_url(0), key, "succeeded") for key in content[0]]
+    assert rows[2:] == [{"source": shard_url(shard), "status": "skipped", "error": "job cancelled",
+                         "shard": shard_url(shard), "key": None} for shard in range(1, 6)]
+    # And only that shard has an output shard, whole, with every sample's masks and record
+    assert output_members(bucket) == {"masks/00000.tar": members_of(content[0])}
+    # And status says what the manifest says, as does the summary
+    said = clipmask("status", job_id, env=env).stdout
+    assert f"job {job_id}: cancelled, 6/6 shards done, 7 samples (2 succeeded, 0 failed, 5 skipped)" in said, said
+    summary = json.loads(s3.get_object(Bucket=bucket, Key=f"masks/_jobs/{job_id}/summary.json")["Body"].read())
+    assert (summary["state"], summary["total"], summary["succeeded"], summary["skipped"]) == ("cancelled", 7, 2, 5)
+
+
+def test_a_shard_job_whose_redis_was_lost_midway_finishes_after_resume(
+        s3_bucket, moto_server, job_env, start_worker):
+    bucket = s3_bucket
+    content = {shard: samples(shard, count=2) for shard in range(6)}
+    put_shards(bucket, content)
+    with FaultyProxy(moto_server.endpoint, slowdown=0, drop=0) as proxy:
+        # Given a worker of one task slot that has masked two shards of a job over six
+        worker = start_worker(AWS_ENDPOINT_URL_S3=proxy.endpoint, CLIPMASK_WORKER_TASKS="1")
+        job_id = job_of(submit(bucket, job_env, shards=6))
+        results = f"/{bucket}/masks/_jobs/{job_id}/results/"
+
+        def results_written() -> int:
+            return len({path.split("?")[0] for method, path in list(proxy.seen) if method == "PUT" and results in path})
+
+        until(lambda: results_written() >= 2, "results of two shards")
+        # and is held by its storage in the middle of the next
+        proxy.set_outage("hang")
+        until(lambda: proxy.held, "request from the worker")
+        # When Redis loses everything (a restart without persistence): records, queue, counters
+        for db in (0, 1):
+            redis.Redis.from_url(job_env["CELERY_BROKER_URL"].rsplit("/", 1)[0] + f"/{db}").flushdb()
+        assert clipmask("status", job_id, env=job_env).returncode == 1
+        # and the worker finishes the shard it had, which its log says Redis does not know
+        proxy.set_outage(None)
+        until(lambda: f"clipmask resume {job_id} --out s3://{bucket}/masks/" in worker.log(), "hint to resume")
+        # Then `clipmask resume JOB --out DST` rebuilds the job from its files, and it finishes
+        resumed = clipmask("resume", job_id, "--out", f"s3://{bucket}/masks/", env=job_env)
+        assert resumed.returncode == 0, resumed.stderr
+        status = wait_for(job_id, job_env, worker=worker)
+    assert status["state"] == "finished", worker.log()
+    assert (status["chunks"], status["chunks_done"]) == (6, 6)
+    assert (status["total"], status["succeeded"], status["failed"], status["skipped"]) == (12, 12, 0, 0)
+    # And every sample has exactly one row
+    rows = manifest_rows(bucket, job_id)
+    shard_url = f"s3://{bucket}/cc/{{:05d}}.tar".format
+    assert [(row["shard"], row["key"]) for row in rows] == [(shard_url(shard), key) for shard in content
+                                                            for key in content[shard]]
+    assert {row["status"] for row in rows} == {"succeeded"}
+    # And every output shard is there and whole, with every sample's masks and record
+    assert output_members(bucket) == {f"masks/{shard:05d}.tar": members_of(content[shard]) for shard in content}
+    said = clipmask("status", job_id, env=job_env).stdout
+    assert f"job {job_id}: finished, 6/6 shards done, 12 samples (12 succeeded, 0 failed, 0 skipped)" in said, said

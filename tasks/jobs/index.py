@@ -245,12 +245,15 @@ def job_status(job_id: str, data: dict) -> dict:
     done = sum(counts.values())
     planned = data.get("planned") == "1"
     shards = data.get("shards") == "1"  # chunks are shards; samples are known as shards are read
+    chunks, chunks_done = int(data.get("chunks", 0)), int(data.get("chunks_done", 0))
+    if data.get("manifest"):  # every chunk has its rows: a cancelled job's unread ones as skipped
+        chunks_done = chunks
     return {
         "job_id": job_id, "state": _state(data), "total": done if shards else int(data.get("total", 0)), **counts,
         "shards": shards,
         "up_to_date": int(data.get("up_to_date", 0)),
-        "done": done, "chunks": int(data.get("chunks", 0)), "chunks_done": int(data.get("chunks_done", 0)),
-        "chunks_queued": int(data.get("sent", 0)) - int(data.get("chunks_done", 0)),
+        "done": done, "chunks": chunks, "chunks_done": chunks_done,
+        "chunks_queued": 0 if data.get("manifest") else int(data.get("sent", 0)) - chunks_done,
         "planned": planned, "planning_interrupted": planning_interrupted(data),
         "source": data.get("source"), "dest": data.get("dest"),
         "spec": json.loads(data["spec"]) if data.get("spec") else None,
