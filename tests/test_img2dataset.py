@@ -24,7 +24,6 @@ from PIL import Image
 
 from tests.images import encoded, noise_image
 from tests.processes import REPO, clipmask, wait_for
-from tests.test_jobs_e2e import job_env, start_worker  # noqa: F401 - fixtures
 from tests.test_shards import OPTIONS, read_shard
 
 IMG2DATASET = REPO / ".venv-img2dataset" / "bin" / "img2dataset"
@@ -162,7 +161,7 @@ def test_run_masks_img2dataset_shards_into_shards_equal_to_file_outputs(tmp_path
 
 
 def test_a_worker_masks_img2dataset_shards_from_s3_as_a_run_does(
-        tmp_path, made, run_env, s3_bucket, job_env, start_worker):  # noqa: F811 - fixtures
+        tmp_path, made, run_env, s3_bucket, job_env, start_worker):
     # Given img2dataset's WebDataset output folder on S3, as it wrote it (the tar, its Parquet of
     # metadata and its stats), and the same images masked by `clipmask run` as files
     wds_in, _, wds_images, _, _ = made
