@@ -21,6 +21,12 @@ from worker.supervise import CHILD_ENV, supervise_workers
 
 log = logging.getLogger("clipmask.worker")
 
+#: Celery's exchanges between workers, which clipmask has no use for: mingle asks every other
+#: worker for its revoked tasks at start-up and waits a second for the answers (jobs are
+#: cancelled through their index, never by revoking a task); gossip has each worker consume every
+#: other's events, traffic that grows with the square of the fleet.
+QUIET_PEERS = ("--without-mingle", "--without-gossip")
+
 
 def start_workers(args: argparse.Namespace, extra: list[str],
                   collectors: Callable[[], Iterable] = lambda: ()) -> int:
@@ -63,7 +69,7 @@ def serve_device(device: str, tasks: int, loglevel: str, extra: list[str]) -> in
         log.error("could not load the mask engine: %s", err)
     heap.for_pipelines()  # the model stays for life; its tasks will have hundreds of images in flight
     app.worker_main(["worker", "--pool", "threads", "--concurrency", str(tasks),
-                     "--queues", app.conf.task_default_queue, "--loglevel", loglevel, *extra])
+                     "--queues", app.conf.task_default_queue, "--loglevel", loglevel, *QUIET_PEERS, *extra])
     return 0
 
 
