@@ -5,20 +5,38 @@ STAND-IN returns ready masks; JPEG headers only are parsed), over ``bench/s3_lit
 memory, a process of its own; moto would be the bottleneck at these counts), with a round trip
 added to every request. The same ``--images`` JPEGs are stored twice: as ``--shards`` WebDataset
 shards (``{00000..N}.tar``, each sample a ``.jpg`` and a ``.json`` as img2dataset writes them),
-and as one object per image. For each round trip (``--rtt-ms``, default 0 and 100), both are
-masked: files by ``run_local`` (what ``clipmask run`` does with a prefix of images), shards by
-``run_local_shards``. Printed for each:
+and as one object per image; for mode ``worker``, also as as many Parquet shards (``{00000..N}.parquet``,
+columns ``key``, ``jpg`` and ``json``, written by ``pyarrow.parquet.write_table`` without dictionary
+encoding: one row group per shard, or ``--row-group`` rows). For each round trip (``--rtt-ms``, default 0 and 100), each mode
+(``--modes``) is masked:
+
+- ``files`` by ``run_local`` (what ``clipmask run`` does with a prefix of images);
+- ``shards`` by ``run_local_shards`` (``clipmask run`` over the tar shards, ``SHARDS_IN_FLIGHT``
+  of them at a time);
+- ``worker``: what one Celery worker process does with a shard job, twice (``worker tar``: tar
+  shards into tar shards; ``worker parquet``: Parquet into Parquet): the shards one chunk at a time,
+  each by ``mask_shard_chunk`` as the shard task calls it (``tasks/masks.py``: the job's source and
+  DST stores opened for the chunk, the same spec, the shard's manifest rows made), in a fresh
+  process of its own (the same device STAND-IN; its S3 clients made and its collector set as a
+  worker's are before it takes a task), so that no earlier mode's freed memory hides its peak.
+
+Printed for each:
 
 - images per second, and shards against files in the same run;
 - requests per image, by kind (GET, PUT, POST for multipart uploads, LIST, ...), counted by the
   server (targets: <= 0.05 for shards, against about 4 for files);
-- the process's peak resident memory above its level before the run, sampled every 20 ms
-  (shards are masked one at a time: this is the memory of one shard in flight);
+- the process's peak resident memory above its level before the run (``peak MB``), sampled every
+  20 ms, and that per shard in flight (``MB/shard``): ``run_local_shards`` has ``SHARDS_IN_FLIGHT``
+  shards in flight, so its peak over that; a worker has one, so its peak itself (the product's
+  "peak worker memory per shard in flight");
+- the temporary disk a shard in flight takes (``disk MB``): a Parquet shard read from S3 is first
+  copied whole to an unnamed temporary file (``tasks/shards/parquet.py``: pyarrow needs to seek to
+  its footer), so the largest input shard's size; a tar shard is read as it arrives, none;
 - at each round trip, the rate against the first round trip's (target for shards at 100 ms: >=
   0.9, a shard being one long stream).
 
 Usage: .venv/bin/python bench/bench_shards.py [--images 100000] [--shards 100] [--side 256]
-       [--rtt-ms 0 100] [--modes files shards]
+       [--rtt-ms 0 100] [--modes files shards worker] [--row-group ROWS]
 """
 
 from __future__ import annotations
@@ -28,15 +46,19 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tarfile
 import tempfile
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH_DIR.parent), str(BENCH_DIR)]
@@ -46,7 +68,8 @@ from bench_host import NEGATIVE, PROMPT, make_jpeg, standin_logits  # noqa: E402
 from s3_lite import LiteServer  # noqa: E402
 
 from storage import open_store  # noqa: E402
-from tasks.pipeline.local import run_local, run_local_shards  # noqa: E402
+from tasks.pipeline.local import SHARDS_IN_FLIGHT, run_local, run_local_shards  # noqa: E402
+from tasks.pipeline.shard_chunk import mask_shard_chunk  # noqa: E402
 from tasks.shards.names import find_shards  # noqa: E402
 from worker import heap, postprocess  # noqa: E402
 from worker.random_model import build_random_clipseg  # noqa: E402
@@ -61,7 +84,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--shards", type=int, default=100, help="shards they are stored in (default 100)")
     parser.add_argument("--side", type=int, default=256, help="side of the square JPEGs, px (default 256)")
     parser.add_argument("--rtt-ms", type=float, nargs="+", default=[0, 100], help="round trips (default 0 100)")
-    parser.add_argument("--modes", nargs="+", choices=("files", "shards"), default=["files", "shards"])
+    parser.add_argument("--modes", nargs="+", choices=("files", "shards", "worker"),
+                        default=["files", "shards", "worker"])
+    parser.add_argument("--row-group", type=int, default=None,
+                        help="rows per row group of the Parquet shards (default: pyarrow's, one per shard)")
+    parser.add_argument("--worker-child", action="store_true", help=argparse.SUPPRESS)  # mode worker's process
     return parser.parse_args()
 
 
@@ -104,25 +131,68 @@ def shard_bytes(first: int, count: int, jpegs: list[bytes]) -> bytes:
     return buffer.getvalue()
 
 
-def store_inputs(args: argparse.Namespace, jpegs: list[bytes]) -> None:
-    """The images as files under ``src/`` and as shards under ``shards/``, at no round trip."""
+def parquet_bytes(first: int, count: int, jpegs: list[bytes], row_group: int | None) -> bytes:
+    """A Parquet shard of the same samples: columns ``key``, ``jpg`` and ``json``."""
+    keys = [f"{index:09d}" for index in range(first, first + count)]
+    table = pa.table({"key": keys,
+                      "jpg": pa.array([jpegs[index % len(jpegs)] for index in range(first, first + count)],
+                                      pa.binary()),
+                      "json": [json.dumps({"key": key}) for key in keys]})
+    buffer = io.BytesIO()
+    # no dictionary: the 16 JPEGs repeated would be stored once each, where a dataset's images are all different
+    pq.write_table(table, buffer, row_group_size=row_group, use_dictionary=False)
+    return buffer.getvalue()
+
+
+def store_inputs(args: argparse.Namespace, jpegs: list[bytes]) -> int:
+    """The images as files under ``src/``, as tar shards under ``shards/`` and as Parquet shards
+    under ``parquet/``, those the modes mask, at no round trip; returns the largest Parquet
+    shard's size in bytes."""
     files, shards = open_store(f"s3://{BUCKET}/src/"), open_store(f"s3://{BUCKET}/shards/")
+    parquet = open_store(f"s3://{BUCKET}/parquet/")
     per_shard = -(-args.images // args.shards)
+    starts = range(0, args.images, per_shard)
+
+    def store_parquet(first: int) -> int:
+        data = parquet_bytes(first, min(per_shard, args.images - first), jpegs, args.row_group)
+        parquet.write_bytes(f"{first // per_shard:05d}.parquet", data)
+        return len(data)
+
     with ThreadPoolExecutor(64) as pool:
         if "files" in args.modes:
             list(pool.map(lambda i: files.write_bytes(f"{i:09d}.jpg", jpegs[i % len(jpegs)]), range(args.images)))
-        if "shards" in args.modes:
-            starts = range(0, args.images, per_shard)
+        if "shards" in args.modes or "worker" in args.modes:
             list(pool.map(lambda first: shards.write_bytes(
                 f"{first // per_shard:05d}.tar", shard_bytes(first, min(per_shard, args.images - first), jpegs)),
                 starts))
+        if "worker" in args.modes:
+            return max(pool.map(store_parquet, starts))
+    return 0
 
 
-def measure(mode: str, server: LiteServer, spec: MaskSpec, engine: StubDevice, run: int) -> dict:
+def stub_engine(model: Path, side: int) -> StubDevice:
+    """The device STAND-IN, its masks those of a smooth stand-in at ``side`` px."""
+    engine = StubDevice.load(str(model), device="cpu", batch_size=32, device_decode=True)
+    rendered = postprocess.render(standin_logits("smooth", 0), MaskSpec.from_text(PROMPT, NEGATIVE), (side, side))
+    engine.masks = (rendered.raw_pixels.numpy(), rendered.binary_pixels.numpy())
+    return engine
+
+
+def measure(mode: str, server: LiteServer, spec: MaskSpec, engine: StubDevice, run: int, model: Path,
+            side: int) -> dict:
     out = f"s3://{BUCKET}-out{run}/"
     server.control("/_drop", {"bucket": f"{BUCKET}-out{run - 1}"})  # the last run's outputs: memory back
     boto3.client("s3").create_bucket(Bucket=f"{BUCKET}-out{run}")
     server.stats(reset=True)
+    if mode.startswith("worker"):
+        source = f"s3://{BUCKET}/{'parquet' if mode.endswith('parquet') else 'shards'}/"
+        job = {"model": str(model), "side": side, "source": source, "dest": out,
+               "keys": list(find_shards(source).keys())}
+        child = subprocess.run([sys.executable, __file__, "--worker-child"], input=json.dumps(job),
+                               capture_output=True, text=True, check=True)
+        figures = json.loads(child.stdout.splitlines()[-1])
+        counts = server.stats()["counts"]
+        return {**figures, "requests": {kind: n / figures["images"] for kind, n in sorted(counts.items())}}
     rss, cpu, wall = PeakRss(), time.process_time(), time.perf_counter()
     if mode == "files":
         summary = run_local(open_store(f"s3://{BUCKET}/src/"), open_store(out), spec, engine, progress=False)
@@ -137,43 +207,79 @@ def measure(mode: str, server: LiteServer, spec: MaskSpec, engine: StubDevice, r
             "peak_mb": peak, "requests": {kind: n / images for kind, n in sorted(counts.items())}}
 
 
+def worker_child() -> None:
+    """Mode ``worker``'s process: the job on stdin (``model``, ``side``, ``source``, ``dest``,
+    ``keys``), its shards masked one chunk at a time as the shard task masks one; prints the
+    figures as JSON."""
+    job = json.loads(sys.stdin.read())
+    engine = stub_engine(Path(job["model"]), job["side"])
+    spec = MaskSpec.from_text(PROMPT, NEGATIVE)
+    for url in (job["source"], job["dest"]):  # the S3 clients a worker made at its first request, kept for life
+        store = open_store(url)
+        store._s3(), store._data(url)
+    heap.for_pipelines()  # as `clipmask worker` does once its model is loaded
+    statuses: Counter = Counter()
+    errors = 0
+    rss, cpu, wall = PeakRss(), time.process_time(), time.perf_counter()
+    for chunk, key in enumerate(job["keys"]):
+        source, dest = open_store(job["source"]), open_store(job["dest"])  # the job's, opened by each chunk
+        result, raised = mask_shard_chunk(engine, spec, source, key, dest, f"job bench chunk {chunk} task bench")
+        rows = list(result.rows())
+        statuses.update(row["status"] for row in rows)
+        errors += len(raised)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    peak = rss.stop()
+    images = statuses["succeeded"]
+    print(json.dumps({"images": images, "failed": statuses["failed"] + errors, "rate": images / wall,
+                      "cpu_ms": cpu / images * 1e3, "peak_mb": peak}))
+
+
 def main() -> None:
     args = parse_args()
+    if args.worker_child:
+        worker_child()
+        return
     work = Path(tempfile.mkdtemp(prefix="bench-shards-"))
     server = LiteServer(0)
     try:
         from tests.services import s3_test_env
 
         os.environ.update(s3_test_env(server.endpoint))
-        engine = StubDevice.load(str(build_random_clipseg(work / "tiny", shape="tiny")), device="cpu",
-                                 batch_size=32, device_decode=True)
+        model = build_random_clipseg(work / "tiny", shape="tiny")
+        engine = stub_engine(model, args.side)
         spec = MaskSpec.from_text(PROMPT, NEGATIVE)
-        rendered = postprocess.render(standin_logits("smooth", 0), spec, (args.side, args.side))
-        engine.masks = (rendered.raw_pixels.numpy(), rendered.binary_pixels.numpy())
         jpegs = [make_jpeg(args.side, args.side, i) for i in range(16)]
         boto3.client("s3").create_bucket(Bucket=BUCKET)
         started = time.perf_counter()
-        store_inputs(args, jpegs)
+        spool = store_inputs(args, jpegs)
         heap.for_pipelines()  # as `clipmask run` does once its model is loaded
         print(f"{args.images} {args.side}x{args.side} JPEGs ({len(jpegs[0]) // 1024} KB), as files and in "
-              f"{args.shards} WebDataset shards, stored in {time.perf_counter() - started:.0f} s; device STAND-IN; "
-              f"s3_lite; {os.cpu_count()} cores")
-        print(f"{'rtt ms':>6} {'mode':>6} {'img/s':>7} {'x files':>7} {'x 0 ms':>7} {'CPU ms/img':>10} "
-              f"{'peak MB':>8}  requests per image")
+              f"{args.shards} WebDataset shards ({-(-args.images // args.shards)} images each)"
+              f"{' and as many Parquet shards' if 'worker' in args.modes else ''}, stored in "
+              f"{time.perf_counter() - started:.0f} s; device STAND-IN; s3_lite; {os.cpu_count()} cores")
+        print(f"{'rtt ms':>6} {'mode':>14} {'img/s':>7} {'x files':>7} {'x 0 ms':>7} {'CPU ms/img':>10} "
+              f"{'peak MB':>8} {'MB/shard':>8} {'disk MB':>7}  requests per image")
+        modes = [part for mode in args.modes
+                 for part in (("worker tar", "worker parquet") if mode == "worker" else (mode,))]
+        in_flight = {"shards": SHARDS_IN_FLIGHT, "worker tar": 1, "worker parquet": 1}
+        disk = {"shards": 0, "worker tar": 0, "worker parquet": spool / 2**20}
         first: dict[str, float] = {}
         run = 0
         for rtt in args.rtt_ms:
             server.control("/_rtt", {"rtt_ms": rtt})
             rates = {}
-            for mode in args.modes:
+            for mode in modes:
                 run += 1
-                figures = measure(mode, server, spec, engine, run)
+                figures = measure(mode, server, spec, engine, run, model, args.side)
                 rates[mode] = figures["rate"]
                 first.setdefault(mode, figures["rate"])
                 against_files = f"{figures['rate'] / rates['files']:7.2f}" if "files" in rates else f"{'':>7}"
+                per_shard = f"{figures['peak_mb'] / in_flight[mode]:8.0f}" if mode in in_flight else f"{'':>8}"
+                on_disk = f"{disk[mode]:7.0f}" if mode in disk else f"{'':>7}"
                 requests = ", ".join(f"{kind} {n:.4f}" for kind, n in figures["requests"].items())
-                print(f"{rtt:6g} {mode:>6} {figures['rate']:7.0f} {against_files} "
-                      f"{figures['rate'] / first[mode]:7.2f} {figures['cpu_ms']:10.2f} {figures['peak_mb']:8.0f}  "
+                print(f"{rtt:6g} {mode:>14} {figures['rate']:7.0f} {against_files} "
+                      f"{figures['rate'] / first[mode]:7.2f} {figures['cpu_ms']:10.2f} {figures['peak_mb']:8.0f} "
+                      f"{per_shard} {on_disk}  "
                       f"{sum(figures['requests'].values()):.4f} ({requests})"
                       + (f"; {figures['failed']} FAILED" if figures["failed"] else ""), flush=True)
     finally:
