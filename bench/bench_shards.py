@@ -3,12 +3,12 @@
 The host side of ``clipmask run`` with the device stubbed out, as in ``bench_feed.py`` (a
 STAND-IN returns ready masks; JPEG headers only are parsed), over ``bench/s3_lite.py`` (objects in
 memory, a process of its own; moto would be the bottleneck at these counts), with a round trip
-added to every request. The same ``--images`` JPEGs are stored twice: as ``--shards`` WebDataset
-shards (``{00000..N}.tar``, each sample a ``.jpg`` and a ``.json`` as img2dataset writes them),
-and as one object per image; for mode ``worker``, also as as many Parquet shards (``{00000..N}.parquet``,
-columns ``key``, ``jpg`` and ``json``, written by ``pyarrow.parquet.write_table`` without dictionary
-encoding: one row group per shard, or ``--row-group`` rows). For each round trip (``--rtt-ms``, default 0 and 100), each mode
-(``--modes``) is masked:
+added to every request. The same ``--images`` JPEGs are stored as ``--shards`` WebDataset shards
+(``{00000..N}.tar``, each sample a ``.jpg`` and a ``.json`` as img2dataset writes them), as one
+object per image and, for mode ``worker``, as the same number of Parquet shards (``{00000..N}.parquet``,
+columns ``key``, ``jpg`` and ``json``, written by ``pyarrow.parquet.write_table`` without
+dictionary encoding: one row group per shard, or ``--row-group`` rows). For each round trip
+(``--rtt-ms``, default 0 and 100), each mode (``--modes``) is masked:
 
 - ``files`` by ``run_local`` (what ``clipmask run`` does with a prefix of images);
 - ``shards`` by ``run_local_shards`` (``clipmask run`` over the tar shards, ``SHARDS_IN_FLIGHT``
@@ -16,9 +16,14 @@ encoding: one row group per shard, or ``--row-group`` rows). For each round trip
 - ``worker``: what one Celery worker process does with a shard job, twice (``worker tar``: tar
   shards into tar shards; ``worker parquet``: Parquet into Parquet): the shards one chunk at a time,
   each by ``mask_shard_chunk`` as the shard task calls it (``tasks/masks.py``: the job's source and
-  DST stores opened for the chunk, the same spec, the shard's manifest rows made), in a fresh
-  process of its own (the same device STAND-IN; its S3 clients made and its collector set as a
-  worker's are before it takes a task), so that no earlier mode's freed memory hides its peak.
+  DST stores opened for the chunk, the same spec, the shard's manifest rows made), with the same
+  device STAND-IN. A worker process takes up to ``--tasks`` chunks at once (default 8): one shard in
+  flight here, so its memory is the worker's per shard in flight.
+
+Each mode runs in a fresh process of its own, its S3 clients made and its garbage collector set
+before the run (as a process of ``clipmask run`` or ``clipmask worker`` has them once started), so
+that its peak memory is its own: in one process, memory an earlier run freed and the process kept
+would be reused without growing it.
 
 Printed for each:
 
@@ -88,7 +93,7 @@ def parse_args() -> argparse.Namespace:
                         default=["files", "shards", "worker"])
     parser.add_argument("--row-group", type=int, default=None,
                         help="rows per row group of the Parquet shards (default: pyarrow's, one per shard)")
-    parser.add_argument("--worker-child", action="store_true", help=argparse.SUPPRESS)  # mode worker's process
+    parser.add_argument("--masking-process", action="store_true", help=argparse.SUPPRESS)  # a mode's process
     return parser.parse_args()
 
 
@@ -178,66 +183,65 @@ def stub_engine(model: Path, side: int) -> StubDevice:
     return engine
 
 
-def measure(mode: str, server: LiteServer, spec: MaskSpec, engine: StubDevice, run: int, model: Path,
-            side: int) -> dict:
+def measure(mode: str, server: LiteServer, run: int, model: Path, side: int) -> dict:
+    """One mode at the current round trip, in a fresh process (``masking_process``)."""
     out = f"s3://{BUCKET}-out{run}/"
     server.control("/_drop", {"bucket": f"{BUCKET}-out{run - 1}"})  # the last run's outputs: memory back
     boto3.client("s3").create_bucket(Bucket=f"{BUCKET}-out{run}")
+    source = {"files": "src", "shards": "shards", "worker tar": "shards", "worker parquet": "parquet"}[mode]
+    job = {"mode": mode, "model": str(model), "side": side, "source": f"s3://{BUCKET}/{source}/", "dest": out}
     server.stats(reset=True)
-    if mode.startswith("worker"):
-        source = f"s3://{BUCKET}/{'parquet' if mode.endswith('parquet') else 'shards'}/"
-        job = {"model": str(model), "side": side, "source": source, "dest": out,
-               "keys": list(find_shards(source).keys())}
-        child = subprocess.run([sys.executable, __file__, "--worker-child"], input=json.dumps(job),
-                               capture_output=True, text=True, check=True)
-        figures = json.loads(child.stdout.splitlines()[-1])
-        counts = server.stats()["counts"]
-        return {**figures, "requests": {kind: n / figures["images"] for kind, n in sorted(counts.items())}}
-    rss, cpu, wall = PeakRss(), time.process_time(), time.perf_counter()
-    if mode == "files":
-        summary = run_local(open_store(f"s3://{BUCKET}/src/"), open_store(out), spec, engine, progress=False)
-    else:
-        summary = run_local_shards(find_shards(f"s3://{BUCKET}/shards/"), open_store(out), spec, engine,
-                                   progress=False)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    peak = rss.stop()
-    images = summary["succeeded"]
+    process = subprocess.run([sys.executable, __file__, "--masking-process"], input=json.dumps(job),
+                             capture_output=True, text=True)
+    if process.returncode:
+        raise RuntimeError(f"{mode}: the masking process exited with {process.returncode}:\n{process.stderr}")
+    figures = json.loads(process.stdout.splitlines()[-1])
     counts = server.stats()["counts"]
-    return {"images": images, "failed": summary["failed"], "rate": images / wall, "cpu_ms": cpu / images * 1e3,
-            "peak_mb": peak, "requests": {kind: n / images for kind, n in sorted(counts.items())}}
+    return {**figures, "requests": {kind: n / figures["images"] for kind, n in sorted(counts.items())}}
 
 
-def worker_child() -> None:
-    """Mode ``worker``'s process: the job on stdin (``model``, ``side``, ``source``, ``dest``,
-    ``keys``), its shards masked one chunk at a time as the shard task masks one; prints the
-    figures as JSON."""
+def masking_process() -> None:
+    """The process that masks one mode: the job on stdin (``mode``, ``model``, ``side``,
+    ``source``, ``dest``); prints its figures as JSON. Before the run, as a process of
+    ``clipmask run`` or ``clipmask worker`` is once started: the engine loaded, the S3 clients
+    made (they are kept for life) and the garbage collector set."""
     job = json.loads(sys.stdin.read())
     engine = stub_engine(Path(job["model"]), job["side"])
     spec = MaskSpec.from_text(PROMPT, NEGATIVE)
-    for url in (job["source"], job["dest"]):  # the S3 clients a worker made at its first request, kept for life
+    for url in (job["source"], job["dest"]):
         store = open_store(url)
         store._s3(), store._data(url)
-    heap.for_pipelines()  # as `clipmask worker` does once its model is loaded
-    statuses: Counter = Counter()
-    errors = 0
+    heap.for_pipelines()
     rss, cpu, wall = PeakRss(), time.process_time(), time.perf_counter()
-    for chunk, key in enumerate(job["keys"]):
-        source, dest = open_store(job["source"]), open_store(job["dest"])  # the job's, opened by each chunk
-        result, raised = mask_shard_chunk(engine, spec, source, key, dest, f"job bench chunk {chunk} task bench")
-        rows = list(result.rows())
-        statuses.update(row["status"] for row in rows)
-        errors += len(raised)
+    if job["mode"] == "files":
+        summary = run_local(open_store(job["source"]), open_store(job["dest"]), spec, engine, progress=False)
+    elif job["mode"] == "shards":
+        summary = run_local_shards(find_shards(job["source"]), open_store(job["dest"]), spec, engine, progress=False)
+    else:
+        summary = worker_chunks(engine, spec, job["source"], job["dest"])
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     peak = rss.stop()
-    images = statuses["succeeded"]
-    print(json.dumps({"images": images, "failed": statuses["failed"] + errors, "rate": images / wall,
+    images = summary["succeeded"]
+    print(json.dumps({"images": images, "failed": summary["failed"], "rate": images / wall,
                       "cpu_ms": cpu / images * 1e3, "peak_mb": peak}))
+
+
+def worker_chunks(engine: StubDevice, spec: MaskSpec, source_url: str, dest_url: str) -> Counter:
+    """Every shard of ``source_url`` masked into ``dest_url`` one chunk at a time, as the shard
+    task masks its chunk (``tasks/masks.py``, ``_run_shard_chunk``: the shard's rows made from
+    its result); the samples' statuses (a shard that failed: its samples failed)."""
+    statuses: Counter = Counter()
+    for chunk, key in enumerate(find_shards(source_url).keys()):
+        source, dest = open_store(source_url), open_store(dest_url)  # the job's stores, opened by each chunk
+        result, _errors = mask_shard_chunk(engine, spec, source, key, dest, f"job bench chunk {chunk} task bench")
+        statuses.update(row["status"] for row in list(result.rows()))
+    return statuses
 
 
 def main() -> None:
     args = parse_args()
-    if args.worker_child:
-        worker_child()
+    if args.masking_process:
+        masking_process()
         return
     work = Path(tempfile.mkdtemp(prefix="bench-shards-"))
     server = LiteServer(0)
@@ -246,16 +250,13 @@ def main() -> None:
 
         os.environ.update(s3_test_env(server.endpoint))
         model = build_random_clipseg(work / "tiny", shape="tiny")
-        engine = stub_engine(model, args.side)
-        spec = MaskSpec.from_text(PROMPT, NEGATIVE)
         jpegs = [make_jpeg(args.side, args.side, i) for i in range(16)]
         boto3.client("s3").create_bucket(Bucket=BUCKET)
         started = time.perf_counter()
         spool = store_inputs(args, jpegs)
-        heap.for_pipelines()  # as `clipmask run` does once its model is loaded
         print(f"{args.images} {args.side}x{args.side} JPEGs ({len(jpegs[0]) // 1024} KB), as files and in "
               f"{args.shards} WebDataset shards ({-(-args.images // args.shards)} images each)"
-              f"{' and as many Parquet shards' if 'worker' in args.modes else ''}, stored in "
+              f"{' and the same number of Parquet shards' if 'worker' in args.modes else ''}, stored in "
               f"{time.perf_counter() - started:.0f} s; device STAND-IN; s3_lite; {os.cpu_count()} cores")
         print(f"{'rtt ms':>6} {'mode':>14} {'img/s':>7} {'x files':>7} {'x 0 ms':>7} {'CPU ms/img':>10} "
               f"{'peak MB':>8} {'MB/shard':>8} {'disk MB':>7}  requests per image")
@@ -270,7 +271,7 @@ def main() -> None:
             rates = {}
             for mode in modes:
                 run += 1
-                figures = measure(mode, server, spec, engine, run, model, args.side)
+                figures = measure(mode, server, run, model, args.side)
                 rates[mode] = figures["rate"]
                 first.setdefault(mode, figures["rate"])
                 against_files = f"{figures['rate'] / rates['files']:7.2f}" if "files" in rates else f"{'':>7}"
