@@ -3,8 +3,10 @@
 Reading: Parquet keeps its schema and the place of each row group in a footer at the end of the
 file, so pyarrow needs a file it can seek. A stream that can seek (a local file) is read in
 place; any other (S3's one GET) is first copied to an unnamed temporary file on disk, 1 MiB at a
-time, then read from there. Memory holds one batch of rows of the image column (``BATCH_ROWS``,
-decoded from one row group), never the file; the disk holds the file until the shard is read.
+time, then read from there. Rows are handed on ``BATCH_ROWS`` at a time, but pyarrow reads a
+row group's column whole: memory holds one row group's images (about 1.7 times their bytes),
+never more of the file; a file written as one row group (``pyarrow.parquet.write_table``'s
+default, up to a million rows) is held whole. The disk holds the file until the shard is read.
 
 A sample is a row: its key from a ``key`` column when the file has one (img2dataset's), else the
 row's index zero-padded to ``ROW_KEY_WIDTH`` digits (as webdataset keys are); its image from the
