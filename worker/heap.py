@@ -13,8 +13,13 @@ docs/performance.md).
 collects once and moves every object made so far out of the collector's sight (``gc.freeze``):
 no later collection walks them. ``for_pipelines()`` does that and makes young collections rare
 enough (every ``YOUNG_ALLOCATIONS`` allocations, about a second of work) that an image's objects
-are freed before any collection finds them alive; cycles are still collected, a second or so
-later at most.
+are freed before any collection finds them alive.
+
+What this asks of the code the process runs: no reference cycles through an image's objects. A
+cycle is freed only by a collection, and one that was alive at a young collection waits for a
+full one, now rare: the image's pixels with it, memory growing with the run meanwhile. The
+pipeline's futures and callbacks hold none (``tasks/pipeline/pools.py``; a test masks with the
+collector off and finds nothing of an image left for it to free).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ pool can starve or deadlock the other.
 
 from __future__ import annotations
 
+import functools
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Sequence
@@ -46,26 +47,37 @@ def then(future: Future, fn: Callable[[Any], Any], pool: ThreadPoolExecutor) -> 
 
 
 def gather(futures: Sequence[Future]) -> Future:
-    """A future of the list of ``futures``' results, done when all are (the first exception wins)."""
+    """A future of the list of ``futures``' results, done when all are (the first exception, in
+    the order of ``futures``, wins). The callbacks hold the results, not the futures: a future
+    whose callback held it would be a reference cycle, freed only by the garbage collector, and
+    with it all that its chain of callbacks holds (an image's pixels)."""
     out: Future = Future()
-    left = [len(futures)]
+    count = len(futures)
+    results: list[Any] = [None] * count
+    errors: list[BaseException | None] = [None] * count
+    left = [count]
     lock = threading.Lock()
 
-    def one(_done: Future) -> None:
+    def one(index: int, done: Future) -> None:
+        error = done.exception()
         with lock:
+            if error is not None:
+                errors[index] = error
+            else:
+                results[index] = done.result()
             left[0] -= 1
             last = left[0] == 0
         if last:
-            errors = [f.exception() for f in futures if f.exception() is not None]
-            if errors:
-                out.set_exception(errors[0])
+            first = next((error for error in errors if error is not None), None)
+            if first is not None:
+                out.set_exception(first)
             else:
-                out.set_result([f.result() for f in futures])
+                out.set_result(results)
 
     if not futures:
         out.set_result([])
-    for future in futures:
-        future.add_done_callback(one)
+    for index, future in enumerate(futures):
+        future.add_done_callback(functools.partial(one, index))
     return out
 
 
