@@ -17,8 +17,9 @@ dictionary encoding: one row group per shard, or ``--row-group`` rows). For each
   shards into tar shards; ``worker parquet``: Parquet into Parquet): the shards one chunk at a time,
   each by ``mask_shard_chunk`` as the shard task calls it (``tasks/masks.py``: the job's source and
   DST stores opened for the chunk, the same spec, the shard's manifest rows made), with the same
-  device STAND-IN. A worker process takes up to ``--tasks`` chunks at once (default 8): one shard in
-  flight here, so its memory is the worker's per shard in flight.
+  device STAND-IN. A worker process takes up to ``--tasks`` chunks at once (default 8), each on a
+  thread of its own: ``--worker-tasks`` of them here (default 1: one shard in flight, so its memory
+  is the worker's per shard in flight; more, to see the round trips of several shards overlap).
 
 Each mode runs in a fresh process of its own, its S3 clients made and its garbage collector set
 before the run (as a process of ``clipmask run`` or ``clipmask worker`` has them once started), so
@@ -32,8 +33,8 @@ Printed for each:
   server (targets: <= 0.05 for shards, against about 4 for files);
 - the process's peak resident memory above its level before the run (``peak MB``), sampled every
   20 ms, and that per shard in flight (``MB/shard``): ``run_local_shards`` has ``SHARDS_IN_FLIGHT``
-  shards in flight, so its peak over that; a worker has one, so its peak itself (the product's
-  "peak worker memory per shard in flight");
+  shards in flight, so its peak over that; a worker's over ``--worker-tasks`` (with one, the
+  product's "peak worker memory per shard in flight");
 - the temporary disk a shard in flight takes (``disk MB``): a Parquet shard read from S3 is first
   copied whole to an unnamed temporary file (``tasks/shards/parquet.py``: pyarrow needs to seek to
   its footer), so the largest input shard's size; a tar shard is read as it arrives, none;
@@ -41,7 +42,7 @@ Printed for each:
   0.9, a shard being one long stream).
 
 Usage: .venv/bin/python bench/bench_shards.py [--images 100000] [--shards 100] [--side 256]
-       [--rtt-ms 0 100] [--modes files shards worker] [--row-group ROWS]
+       [--rtt-ms 0 100] [--modes files shards worker] [--row-group ROWS] [--worker-tasks 1]
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ def parse_args() -> argparse.Namespace:
                         default=["files", "shards", "worker"])
     parser.add_argument("--row-group", type=int, default=None,
                         help="rows per row group of the Parquet shards (default: pyarrow's, one per shard)")
+    parser.add_argument("--worker-tasks", type=int, default=1,
+                        help="chunks a worker masks at once, each on its own thread (default 1)")
     parser.add_argument("--masking-process", action="store_true", help=argparse.SUPPRESS)  # a mode's process
     return parser.parse_args()
 
@@ -183,13 +186,14 @@ def stub_engine(model: Path, side: int) -> StubDevice:
     return engine
 
 
-def measure(mode: str, server: LiteServer, run: int, model: Path, side: int) -> dict:
+def measure(mode: str, server: LiteServer, run: int, model: Path, side: int, worker_tasks: int = 1) -> dict:
     """One mode at the current round trip, in a fresh process (``masking_process``)."""
     out = f"s3://{BUCKET}-out{run}/"
     server.control("/_drop", {"bucket": f"{BUCKET}-out{run - 1}"})  # the last run's outputs: memory back
     boto3.client("s3").create_bucket(Bucket=f"{BUCKET}-out{run}")
     source = {"files": "src", "shards": "shards", "worker tar": "shards", "worker parquet": "parquet"}[mode]
-    job = {"mode": mode, "model": str(model), "side": side, "source": f"s3://{BUCKET}/{source}/", "dest": out}
+    job = {"mode": mode, "model": str(model), "side": side, "source": f"s3://{BUCKET}/{source}/", "dest": out,
+           "worker_tasks": worker_tasks}
     server.stats(reset=True)
     process = subprocess.run([sys.executable, __file__, "--masking-process"], input=json.dumps(job),
                              capture_output=True, text=True)
@@ -218,7 +222,7 @@ def masking_process() -> None:
     elif job["mode"] == "shards":
         summary = run_local_shards(find_shards(job["source"]), open_store(job["dest"]), spec, engine, progress=False)
     else:
-        summary = worker_chunks(engine, spec, job["source"], job["dest"])
+        summary = worker_chunks(engine, spec, job["source"], job["dest"], job["worker_tasks"])
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     peak = rss.stop()
     images = summary["succeeded"]
@@ -226,15 +230,21 @@ def masking_process() -> None:
                       "cpu_ms": cpu / images * 1e3, "peak_mb": peak}))
 
 
-def worker_chunks(engine: StubDevice, spec: MaskSpec, source_url: str, dest_url: str) -> Counter:
-    """Every shard of ``source_url`` masked into ``dest_url`` one chunk at a time, as the shard
-    task masks its chunk (``tasks/masks.py``, ``_run_shard_chunk``: the shard's rows made from
-    its result); the samples' statuses (a shard that failed: its samples failed)."""
-    statuses: Counter = Counter()
-    for chunk, key in enumerate(find_shards(source_url).keys()):
+def worker_chunks(engine: StubDevice, spec: MaskSpec, source_url: str, dest_url: str, tasks: int = 1) -> Counter:
+    """Every shard of ``source_url`` masked into ``dest_url``, ``tasks`` chunks at a time on as many
+    threads (a worker's threads pool), each as the shard task masks its chunk (``tasks/masks.py``,
+    ``_run_shard_chunk``: the shard's rows made from its result); the samples' statuses (a shard
+    that failed: its samples failed)."""
+    def chunk(numbered: tuple[int, str]) -> list[str]:
+        number, key = numbered
         source, dest = open_store(source_url), open_store(dest_url)  # the job's stores, opened by each chunk
-        result, _errors = mask_shard_chunk(engine, spec, source, key, dest, f"job bench chunk {chunk} task bench")
-        statuses.update(row["status"] for row in list(result.rows()))
+        result, _errors = mask_shard_chunk(engine, spec, source, key, dest, f"job bench chunk {number} task bench")
+        return [row["status"] for row in result.rows()]
+
+    statuses: Counter = Counter()
+    with ThreadPoolExecutor(tasks, thread_name_prefix="bench-task") as pool:
+        for done in pool.map(chunk, enumerate(find_shards(source_url).keys())):
+            statuses.update(done)
     return statuses
 
 
@@ -262,7 +272,7 @@ def main() -> None:
               f"{'peak MB':>8} {'MB/shard':>8} {'disk MB':>7}  requests per image")
         modes = [part for mode in args.modes
                  for part in (("worker tar", "worker parquet") if mode == "worker" else (mode,))]
-        in_flight = {"shards": SHARDS_IN_FLIGHT, "worker tar": 1, "worker parquet": 1}
+        in_flight = {"shards": SHARDS_IN_FLIGHT, "worker tar": args.worker_tasks, "worker parquet": args.worker_tasks}
         disk = {"shards": 0, "worker tar": 0, "worker parquet": spool / 2**20}
         first: dict[str, float] = {}
         run = 0
@@ -271,7 +281,7 @@ def main() -> None:
             rates = {}
             for mode in modes:
                 run += 1
-                figures = measure(mode, server, run, model, args.side)
+                figures = measure(mode, server, run, model, args.side, args.worker_tasks)
                 rates[mode] = figures["rate"]
                 first.setdefault(mode, figures["rate"])
                 against_files = f"{figures['rate'] / rates['files']:7.2f}" if "files" in rates else f"{'':>7}"
