@@ -69,6 +69,8 @@ class ShardReader:
 
     def __init__(self, stream: BinaryIO) -> None:
         self._stream = _Counted(stream)
+        self._ended: list[tarfile.HeaderError] = []  # why the headers ended (``_header_class``)
+        self._headers_end = 0  # where they did
 
     @property
     def offset(self) -> int:
@@ -78,21 +80,8 @@ class ShardReader:
         """Yield each sample once its last member is read. Raises ShardFormatError (with the byte
         offset) for a truncated or corrupt tar, after the samples before the fault; the stream's
         own errors (storage's: ConnectionError, ...) unchanged."""
-        ended: list[tarfile.HeaderError] = []
-        header = _header_class(ended)
-        try:
-            with tarfile.open(fileobj=self._stream, mode="r|", tarinfo=header) as tar:
-                yield from self._grouped(tar)
-                _check_end(ended, tar.offset, self.offset)
-        except tarfile.ReadError as err:
-            raise ShardFormatError(f"not a readable tar ({err}) at byte {self.offset}", self.offset) from err
-
-    def _grouped(self, tar: tarfile.TarFile) -> Iterator[Sample]:
         sample: Sample | None = None
-        while (member := tar.next()) is not None:
-            tar.members.clear()  # tarfile keeps every header it read: 15 MB for a shard of 10^4 samples
-            if not member.isfile():
-                continue
+        for tar, member in self._files():
             key, extension = sample_key(member.name)
             if sample is not None and key != sample.key:
                 yield sample
@@ -104,6 +93,24 @@ class ShardReader:
                 sample.image, sample.data = member.name, _read_member(tar, member)
         if sample is not None:
             yield sample
+        self._check_end()
+
+    def _files(self) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
+        """Each file member, with the tar to read it from (while it is the current member), until
+        the headers end; ShardFormatError for a stream that is not a tar. Whether they ended at the
+        end-of-archive block is for ``_check_end`` to say, once the caller is done with them."""
+        try:
+            with tarfile.open(fileobj=self._stream, mode="r|", tarinfo=_header_class(self._ended)) as tar:
+                while (member := tar.next()) is not None:
+                    tar.members.clear()  # tarfile keeps every header it read: 15 MB for a shard of 10^4 samples
+                    if member.isfile():
+                        yield tar, member
+                self._headers_end = tar.offset
+        except tarfile.ReadError as err:
+            raise ShardFormatError(f"not a readable tar ({err}) at byte {self.offset}", self.offset) from err
+
+    def _check_end(self) -> None:
+        _check_end(self._ended, self._headers_end, self.offset)
 
 
 def pick_members(stream: BinaryIO, names: Collection[str] = (), image_keys: Collection[str] = ()
@@ -117,27 +124,19 @@ def pick_members(stream: BinaryIO, names: Collection[str] = (), image_keys: Coll
     names, keys = set(names), set(image_keys)
     if not names and not keys:
         return
-    counted = _Counted(stream)
-    ended: list[tarfile.HeaderError] = []
-    try:
-        with tarfile.open(fileobj=counted, mode="r|", tarinfo=_header_class(ended)) as tar:
-            while (member := tar.next()) is not None:
-                tar.members.clear()
-                if not member.isfile():
-                    continue
-                if member.name in names:
-                    names.discard(member.name)
-                    yield member.name, _read_member(tar, member)
-                else:
-                    key, extension = sample_key(member.name)
-                    if key in keys and extension.lower() in IMAGE_EXTENSIONS:
-                        keys.discard(key)
-                        yield key, _read_member(tar, member)
-                if not names and not keys:
-                    return
-            _check_end(ended, tar.offset, counted.position)
-    except tarfile.ReadError as err:
-        raise ShardFormatError(f"not a readable tar ({err}) at byte {counted.position}", counted.position) from err
+    reader = ShardReader(stream)
+    for tar, member in reader._files():
+        if member.name in names:
+            names.discard(member.name)
+            yield member.name, _read_member(tar, member)
+        else:
+            key, extension = sample_key(member.name)
+            if key in keys and extension.lower() in IMAGE_EXTENSIONS:
+                keys.discard(key)
+                yield key, _read_member(tar, member)
+        if not names and not keys:
+            return
+    reader._check_end()
 
 
 def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
