@@ -12,7 +12,7 @@ import time
 from itertools import chain
 from typing import Callable, Iterable, Iterator
 
-from storage import open_store
+from storage import ObjectStore, open_store
 from tasks import settings
 from tasks.errors import NothingNewError, PlanningBusyError, UsageError
 from tasks.jobs.files import JobFiles, PlanChunk, shard_set
@@ -22,7 +22,7 @@ from tasks.jobs.listing import chunked, image_keys, no_images
 from tasks.jobs.preflight import check_writable, shard_source
 from tasks.jobs.queue import check_broker, default_queue, producer, send_chunk, send_finish
 from tasks.jobs.readahead import ordered_map
-from tasks.shards.names import check_image_column
+from tasks.shards.names import ShardSet, check_image_column
 from worker.spec import MaskSpec
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,7 @@ def submit_job(source_url: str, dest_url: str, spec: MaskSpec, *, chunk_size: in
     job_id = new_job_id()
     if on_named:
         on_named(job_id)
-    scan = (ShardScan(shards, dest) if shards else Scan(source, dest)) if skip_existing else None
-    keys = scan.keys() if scan else shard_keys(shards) if shards else image_keys(source)
+    scan, keys = _keys_to_plan(source, shards, dest, skip_existing)
     first = next(keys, None)
     if first is None:
         if scan and scan.up_to_date:
@@ -179,6 +178,17 @@ def resume_job(job_id: str, dest_url: str | None = None, jobs: JobIndex | None =
     return {"planned": planned, "requeued": len(requeue_missing(jobs, job_id, data))}
 
 
+def _keys_to_plan(source: ObjectStore, shards: ShardSet | None, dest: ObjectStore, new_only: bool,
+                  after: str | None = None) -> tuple[Scan | ShardScan | None, Iterator[str]]:
+    """The keys of a job's plan after ``after``, listed as they are taken: its shards, or its
+    images; with ``new_only`` only those new or changed since DST's outputs, and the scan that
+    finds them (whose counts the plan keeps)."""
+    if new_only:
+        scan = ShardScan(shards, dest, after) if shards else Scan(source, dest, after)
+        return scan, scan.keys()
+    return None, shard_keys(shards, after) if shards else image_keys(source, start_after=after)
+
+
 def _rebuild(jobs: JobIndex, files: JobFiles, record: dict) -> dict:
     """Index a job that Redis lost, from its files; its chunks recount from their results."""
     last, planned = files.last_plan(), files.read_planned()
@@ -199,12 +209,8 @@ def _continue_plan(jobs: JobIndex, files: JobFiles, record: dict, data: dict,
     chunk, total, after = (last.chunk + 1, last.end, last.keys[-1]) if last else (0, 0, None)
     jobs.claim_planning(files.job_id, chunk, total)
     cancelled = data.get("cancelled") == "1"  # then only the plan's end is written
-    source, shards = open_store(record["source"]), shard_set(record)
-    if shards:
-        scan = ShardScan(shards, files.dest, after) if record.get("planned_new") else None
-        keys = () if cancelled else scan.keys() if scan else shard_keys(shards, after)
-    else:
-        scan = Scan(source, files.dest, after) if record.get("planned_new") else None
-        keys = () if cancelled else scan.keys() if scan else image_keys(source, start_after=after)
+    scan, keys = _keys_to_plan(open_store(record["source"]), shard_set(record), files.dest,
+                               bool(record.get("planned_new")), after)
+    keys = () if cancelled else keys
     up_to_date = int(data.get("up_to_date") or 0)
     return plan_chunks(jobs, files, record, keys, chunk, total, on_chunk, scan, up_to_date) - total
