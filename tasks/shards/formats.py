@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import BinaryIO
 
+from storage.layout import MASK_SUFFIX, METADATA_SUFFIX, RAW_SUFFIX
 from tasks.shards.names import PARQUET_SUFFIX, SHARD_SUFFIX
 from tasks.shards.parquet import ParquetReader, ParquetShardWriter
 from tasks.shards.tar import ShardReader, ShardWriter
@@ -14,8 +15,9 @@ __all__ = ["FORMATS", "OUTPUT_MEMBERS", "content_type", "open_reader", "open_wri
 
 #: ``--output-format`` of a shard source, and the extension of its shards.
 FORMATS = {"webdataset": SHARD_SUFFIX, "parquet": PARQUET_SUFFIX}
-#: The output members of a tar sample, in the order they are written: role, name suffix.
-OUTPUT_MEMBERS = (("mask", ".mask.png"), ("raw", ".raw.png"), ("metadata", ".json"))
+#: The output members of a tar sample, in the order they are written: role, name suffix (the
+#: suffixes of an image's output files, ``storage.layout``).
+OUTPUT_MEMBERS = (("mask", MASK_SUFFIX), ("raw", RAW_SUFFIX), ("metadata", METADATA_SUFFIX))
 _CONTENT_TYPES = {"webdataset": "application/x-tar", "parquet": "application/vnd.apache.parquet"}
 
 
